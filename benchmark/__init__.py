@@ -1,0 +1,10 @@
+"""Privacy-defense benchmark for fine-tuned text-to-image diffusion models."""
+
+import os
+
+# No code path may download weights or data: fail fast and say which local path to give.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The run configuration: one dataclass, built from presets and CLI flags, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attacks.attack_models import ATTACK_MODELS
+from attacks.distances import DISTANCES
+from attacks.encoders import ENCODERS
+from attacks.scenarios import Scenario
+from benchmark.cache import default_cache_dir
+from benchmark.data.base import DATASETS
+from benchmark.errors import ConfigError
+from benchmark.finetune import TrainConfig
+from benchmark.models.registry import MODELS
+from benchmark.registry import RegistryError
+from benchmark.target import SamplingConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One benchmark run. Every field is recorded with the result."""
+
+    preset: str = "default"
+    dataset: str = field(default="scenes", metadata={"help": "dataset registry name"})
+    dataset_path: Path | None = field(default=None, metadata={"help": "folder for --dataset folder"})
+    dataset_size: int | None = field(default=None, metadata={"help": "images in the pool (None: dataset default)"})
+    resolution: int = 16
+    model: str = field(default="tiny", metadata={"help": "tiny (embedded) or sd15 (local folder)"})
+    model_path: Path | None = None
+    defense: str = "none"
+    scenario: Scenario = Scenario.III
+    attack_model: str = "threshold"
+    encoder: str = "pixels"
+    distance: str = "cosine"
+    public: int = 2000
+    members: int = 50
+    nonmembers: int = 50
+    shadow_members: int = 50
+    shadow_nonmembers: int = 50
+    utility: int = 100
+    generations_per_query: int = 3
+    pretrain: TrainConfig = TrainConfig(
+        epochs=40, batch_size=64, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=True, lr_warmup_steps=100
+    )
+    finetune: TrainConfig = TrainConfig(epochs=300, batch_size=25, learning_rate=2e-3)
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    public_seed: int = 0
+    control: bool = field(default=True, metadata={"help": "also attack the base model (should sit near AUC 0.5)"})
+    results_dir: Path = Path("results")
+    cache_dir: Path = field(default_factory=default_cache_dir)
+
+    def validate(self) -> RunConfig:
+        """Check names and numbers before any training starts.
+
+        Raises:
+            ConfigError: naming the bad value and the fix.
+        """
+        for registry, value in (
+            (DATASETS, self.dataset),
+            (MODELS, self.model),
+            (ATTACK_MODELS, self.attack_model),
+            (ENCODERS, self.encoder),
+            (DISTANCES, self.distance),
+        ):
+            try:
+                registry.get(value)
+            except RegistryError as exc:
+                raise ConfigError(str(exc)) from None
+        from defenses import DEFENSES
+
+        try:
+            DEFENSES.get(self.defense)
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
+        positive = {
+            "resolution": self.resolution,
+            "members": self.members,
+            "nonmembers": self.nonmembers,
+            "shadow_members": self.shadow_members,
+            "shadow_nonmembers": self.shadow_nonmembers,
+            "generations_per_query": self.generations_per_query,
+            "finetune.epochs": self.finetune.epochs,
+            "finetune.batch_size": self.finetune.batch_size,
+            "sampling.num_inference_steps": self.sampling.num_inference_steps,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.finetune.learning_rate <= 0:
+            raise ConfigError(f"finetune.learning_rate must be > 0, got {self.finetune.learning_rate}")
+        if self.dataset == "folder" and self.dataset_path is None:
+            raise ConfigError("--dataset folder needs --dataset-path DIR (a folder with metadata.jsonl)")
+        if self.model == "sd15" and self.model_path is None:
+            raise ConfigError("--model sd15 needs --model-path DIR, a local diffusers folder; nothing is downloaded")
+        if self.model == "tiny" and self.public < 1:
+            raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
+        return self
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Scenario):
+                value = value.value
+            elif isinstance(value, Path):
+                value = str(value)
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+
+def _micro() -> RunConfig:
+    # Seconds-long: for tests and smoke checks only; numbers from it mean nothing.
+    return RunConfig(
+        preset="micro",
+        dataset_size=240,
+        resolution=8,
+        public=120,
+        members=8,
+        nonmembers=8,
+        shadow_members=8,
+        shadow_nonmembers=8,
+        utility=8,
+        generations_per_query=2,
+        pretrain=TrainConfig(epochs=2, batch_size=32, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=True),
+        finetune=TrainConfig(epochs=3, batch_size=8, learning_rate=2e-3),
+        sampling=SamplingConfig(num_inference_steps=4),
+    )
+
+
+def _full() -> RunConfig:
+    # 1,000 non-members: the smallest FPR a TPR figure can speak for is 0.1%.
+    return RunConfig(
+        preset="full", members=100, nonmembers=1000, shadow_members=100, shadow_nonmembers=500, utility=200
+    )
+
+
+PRESETS: dict[str, RunConfig] = {"default": RunConfig(), "micro": _micro(), "full": _full()}
+
+
+def preset(name: str) -> RunConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None

@@ -1,0 +1,147 @@
+"""Procedurally generated captioned scenes: the embedded default dataset.
+
+Each caption names the background colour, the shape, its colour, size class and
+coarse position, so captions are unique per image. What the caption leaves out
+(the background's lighting direction and strength, the shape's exact offset,
+size and shade) is smooth, per-image detail a model can only reproduce by
+memorising that image: the membership signal the attack looks for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from benchmark.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.15, 0.15),
+    "green": (0.15, 0.7, 0.2),
+    "blue": (0.15, 0.25, 0.85),
+    "yellow": (0.95, 0.85, 0.15),
+    "purple": (0.55, 0.2, 0.7),
+    "orange": (0.95, 0.55, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.08, 0.08, 0.08),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.27, 0.27),
+    "top": (0.5, 0.27),
+    "top right": (0.73, 0.27),
+    "left": (0.27, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73),
+    "bottom": (0.5, 0.73),
+    "bottom right": (0.73, 0.73),
+}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.16), "large": (0.19, 0.25)}
+DEFAULT_SIZE = 3000
+SCENES_VERSION = "1"
+
+
+def _all_combinations() -> list[tuple[str, str, str, str, str]]:
+    return [
+        (size, color, shape, pos, bg)
+        for size, color, shape, pos, bg in itertools.product(SIZES, COLORS, SHAPES, POSITIONS, COLORS)
+        if color != bg
+    ]
+
+
+def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    if shape == "circle":
+        return np.hypot(dx, dy) - radius
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) - radius * 0.85
+    if shape == "diamond":
+        return (np.abs(dx) + np.abs(dy)) / np.sqrt(2) - radius * 0.8
+    # Upward triangle as the intersection of three half-planes.
+    edges = [(0.0, 1.0, -0.5), (0.866, -0.5, -0.5), (-0.866, -0.5, -0.5)]
+    dist = np.full_like(dx, -np.inf)
+    for nx, ny, offset in edges:
+        dist = np.maximum(dist, -(nx * dx + ny * -dy) / radius + offset)
+    return dist * radius
+
+
+def render_scene(
+    combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int
+) -> np.ndarray:
+    size, color, shape, pos, bg = combo
+    r = resolution
+    coords = (np.arange(r, dtype=np.float64) + 0.5) / r
+    x, y = np.meshgrid(coords, coords)
+    angle = rng.uniform(0, 2 * np.pi)
+    strength = rng.uniform(0.25, 0.5)
+    ramp = (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle)
+    light = 1.0 + strength * ramp * 2.0
+    image = np.asarray(COLORS[bg])[None, None, :] * light[..., None]
+    cx, cy = POSITIONS[pos]
+    cx += rng.uniform(-0.07, 0.07)
+    cy += rng.uniform(-0.07, 0.07)
+    radius = rng.uniform(*SIZES[size])
+    shade = rng.uniform(0.7, 1.0)
+    dist = _signed_distance(shape, x - cx, y - cy, radius)
+    # Soft edge about one pixel wide keeps the image smooth, hence learnable.
+    mask = np.clip(0.5 - dist * r, 0.0, 1.0)[..., None]
+    fg = np.asarray(COLORS[color])[None, None, :] * shade
+    image = image * (1 - mask) + fg * mask
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+class ScenesDataset:
+    name = "scenes"
+
+    def __init__(self, *, resolution: int, size: int, seed: int = 0) -> None:
+        combos = _all_combinations()
+        if size > len(combos):
+            raise DatasetError(
+                f"scenes has {len(combos)} distinct captions; asked for {size} images. "
+                f"Use --dataset-size <= {len(combos)}."
+            )
+        if resolution < 8:
+            raise DatasetError(f"scenes needs resolution >= 8, got {resolution}")
+        order = np.random.default_rng(seed).permutation(len(combos))[:size]
+        self._combos = [combos[i] for i in order]
+        self._ids = [f"scene-{i:05d}" for i in range(size)]
+        self.resolution = resolution
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self._combos)
+
+    @property
+    def ids(self) -> Sequence[str]:
+        return self._ids
+
+    def caption(self, index: int) -> str:
+        size, color, shape, pos, bg = self._combos[index]
+        return f"a {size} {color} {shape} at the {pos} on a {bg} background"
+
+    def image(self, index: int) -> np.ndarray:
+        return _render_cached(self._combos[index], self.seed, index, self.resolution)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "version": SCENES_VERSION,
+            "size": len(self),
+            "resolution": self.resolution,
+            "generator_seed": self.seed,
+        }
+
+
+@lru_cache(maxsize=8192)
+def _render_cached(combo: tuple[str, str, str, str, str], seed: int, index: int, resolution: int) -> np.ndarray:
+    image = render_scene(combo, np.random.default_rng([seed, index]), resolution)
+    image.setflags(write=False)
+    return image
+
+
+@register_dataset("scenes")
+def build_scenes(spec: DatasetSpec) -> ImageTextDataset:
+    """Procedural captioned scenes (no download); per-image lighting and jitter left out of captions."""
+    return ScenesDataset(resolution=spec.resolution, size=spec.size or DEFAULT_SIZE)

@@ -1,0 +1,13 @@
+"""Errors a user can act on: each message names the problem and the fix."""
+
+
+class BenchmarkError(Exception):
+    """Base class; the CLI prints these without a traceback."""
+
+
+class ModelError(BenchmarkError):
+    """A model folder or model name that cannot be used."""
+
+
+class ConfigError(BenchmarkError, ValueError):
+    """A run configuration that fails validation."""

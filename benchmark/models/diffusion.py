@@ -1,0 +1,178 @@
+"""A text-to-image diffusion model in diffusers' folder layout, tiny or Stable Diffusion.
+
+The embedded default and Stable Diffusion v1-5 go through the same class, the same
+loader and the same training and sampling code; only the folder differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers.utils.logging
+import torch
+import transformers.utils.logging
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from benchmark.errors import ModelError
+
+REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+# Their per-file bars would drown the benchmark's own progress display.
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class DiffusionModel:
+    """Components of a (latent or pixel-space) text-conditioned diffusion model."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None = None
+
+    @property
+    def latent_scale(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.latent_scale
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids)[0]
+
+    def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space the UNet denoises."""
+        if self.vae is None:
+            return images
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        with torch.no_grad():
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def save(self, path: Path) -> None:
+        """Write a diffusers-format folder (safetensors weights), loadable by `load_model`."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.noise_scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae", safe_serialization=True)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def load_model(path: Path) -> DiffusionModel:
+    """Load a diffusers text-to-image folder (Stable Diffusion v1-5 layout) from disk only.
+
+    Raises:
+        ModelError: the folder is missing or is not a diffusers text-to-image folder.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelError(
+            f"model folder {path} does not exist. Pass --model-path DIR pointing at a local "
+            "diffusers folder (e.g. a copy of stable-diffusion-v1-5 made with save_pretrained); "
+            "nothing is downloaded."
+        )
+    missing = [sub for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
+    if not (path / "model_index.json").is_file() or missing:
+        raise ModelError(
+            f"{path} is not a diffusers text-to-image folder: expected model_index.json and the "
+            f"subfolders {', '.join(REQUIRED_SUBFOLDERS)} (+ vae for latent models); "
+            f"missing: {', '.join(missing) or 'model_index.json'}. Save one with "
+            "StableDiffusionPipeline.save_pretrained(DIR)."
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+        vae = None
+        if (path / "vae").is_dir():
+            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load the diffusers folder {path}: {exc}") from exc
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.eval()
+    text_encoder.requires_grad_(False)
+    if vae is not None:
+        vae.requires_grad_(False)
+    return DiffusionModel(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler, vae=vae)
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionModel,
+    captions: list[str],
+    *,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Sample one image per caption with DDIM and classifier-free guidance; NCHW in [-1, 1]."""
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    unet = model.unet
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    channels = unet.config.in_channels
+    size = unet.config.sample_size
+    uncond = model.encode_text([""])
+    outputs = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start : start + batch_size]
+        cond = model.encode_text(chunk)
+        latents = torch.randn((len(chunk), channels, size, size), generator=generator)
+        latents = latents * scheduler.init_noise_sigma
+        use_cfg = guidance_scale != 1.0
+        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            noise = unet(model_in, t, encoder_hidden_states=context).sample
+            if use_cfg:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+        outputs.append(model.latents_to_images(latents))
+    unet.train(was_training)
+    return torch.cat(outputs)

@@ -1,0 +1,96 @@
+"""Where a base model comes from: the embedded tiny default (pretrained once, cached) or a local folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmark.cache import cached
+from benchmark.data.base import ImageTextDataset, images_to_tensor
+from benchmark.errors import ModelError
+from benchmark.finetune import StepCallback, TrainConfig, train
+from benchmark.models.diffusion import DiffusionModel, load_model
+from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+from benchmark.registry import Registry
+
+
+@dataclass(frozen=True)
+class BaseModelRequest:
+    """Everything that determines a base model (and so its cache key)."""
+
+    dataset: ImageTextDataset
+    public_indices: tuple[int, ...]
+    resolution: int
+    pretrain: TrainConfig
+    cache_dir: Path
+    model_path: Path | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+@dataclass
+class BaseModel:
+    model_dir: Path
+    from_cache: bool
+    description: dict[str, object]
+
+    def load(self) -> DiffusionModel:
+        """A fresh copy: every fine-tune starts from the same weights."""
+        return load_model(self.model_dir)
+
+
+ModelSource = Callable[[BaseModelRequest, StepCallback | None], BaseModel]
+MODELS: Registry[ModelSource] = Registry("model")
+
+
+@MODELS.register("tiny")
+def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
+    """Embedded tiny pixel-space model, pretrained on the public split and cached."""
+    ds = request.dataset
+    inputs = {
+        "dataset": ds.describe(),
+        "public": list(request.public_indices),
+        "resolution": request.resolution,
+        "pretrain": request.pretrain.to_dict(),
+        "architecture": request.tiny.to_dict(),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+    def build(folder: Path) -> None:
+        captions = [ds.caption(i) for i in request.public_indices]
+        images = images_to_tensor([ds.image(i) for i in request.public_indices])
+        model = build_tiny_model(
+            corpus=captions, resolution=request.resolution, config=request.tiny, seed=request.pretrain.seed
+        )
+        train(model, images, captions, request.pretrain, on_step=on_step)
+        model.save(folder)
+
+    def check(folder: Path) -> Path:
+        load_model(folder)  # a corrupt entry fails here and gets rebuilt
+        return folder
+
+    folder, hit, _ = cached(request.cache_dir, "base-tiny", inputs, build, check)
+    return BaseModel(model_dir=folder, from_cache=hit, description={"name": "tiny", "version": "1", **inputs, "dataset": ds.name})
+
+
+@MODELS.register("sd15")
+def local_folder_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
+    """Stable Diffusion v1-5 (or any diffusers text-to-image folder) from --model-path."""
+    if request.model_path is None:
+        raise ModelError(
+            "--model sd15 needs --model-path DIR: a local diffusers folder of Stable Diffusion v1-5 "
+            "(model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/). Nothing is downloaded."
+        )
+    model = load_model(request.model_path)
+    if model.resolution != request.resolution:
+        raise ModelError(
+            f"the model in {request.model_path} generates {model.resolution}px images but the run asks for "
+            f"{request.resolution}px; pass --resolution {model.resolution}"
+        )
+    return BaseModel(
+        model_dir=Path(request.model_path).resolve(),
+        from_cache=True,
+        description={"name": "sd15", "version": "1", "path": str(request.model_path), "resolution": model.resolution},
+    )
