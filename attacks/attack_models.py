@@ -68,7 +68,11 @@ class ThresholdAttack(AttackModel):
         fpr, tpr, thresholds = roc_curve(labels, reduced)
         best = int(np.argmax(tpr - fpr))
         # roc_curve's first threshold is +inf; a finite one keeps the record valid JSON.
-        self.threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else float(reduced.max())
+        self.threshold = (
+            float(thresholds[best])
+            if np.isfinite(thresholds[best])
+            else float(np.nextafter(reduced.max(), np.inf))
+        )
         return self
 
     def membership_score(self, scores: np.ndarray) -> np.ndarray:

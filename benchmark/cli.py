@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attacks.scenarios import Scenario
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     console.print(table)
     for note in record.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print("[yellow]note:[/]", escape(note))
     console.print(f"result written to {outcome.path}")
     return 0
 
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args, console)
     except BenchmarkError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print("[red]error:[/]", escape(str(exc)))
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/] no result was written")

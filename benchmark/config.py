@@ -52,7 +52,7 @@ class RunConfig:
     public_seed: int = 0
     control: bool = field(default=True, metadata={"help": "also attack the base model (should sit near AUC 0.5)"})
     results_dir: Path = Path("results")
-    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_dir: Path | None = field(default=None, metadata={"help": "None: $BENCHMARK_CACHE_DIR or ~/.cache"})
 
     def validate(self) -> RunConfig:
         """Check names and numbers before any training starts.
@@ -101,6 +101,11 @@ class RunConfig:
             raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
         return self
 
+    @property
+    def cache_path(self) -> Path:
+        """Resolved at use time, so BENCHMARK_CACHE_DIR set after import still counts."""
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
+
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
@@ -115,6 +120,7 @@ class RunConfig:
             elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)
             out[f.name] = value
+        out["cache_dir"] = str(self.cache_path)
         return out
 
 

@@ -113,6 +113,7 @@ def train(
     )
     # A frozen text encoder gives the same context every epoch: encode once.
     frozen_context = None if config.train_text_encoder else model.encode_text(captions)
+    empty_context = None if config.train_text_encoder else model.encode_text([""])
     history: list[float] = []
     step = 0
     loss_value = float("nan")
@@ -120,13 +121,13 @@ def train(
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            batch_captions = [captions[i] for i in idx.tolist()]
+            drop = torch.zeros(len(idx), dtype=torch.bool)
             if config.caption_dropout > 0:
                 drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
-                batch_captions = ["" if d else c for c, d in zip(batch_captions, drop.tolist())]
-            if frozen_context is not None and config.caption_dropout == 0:
-                context = frozen_context[idx]
-            elif config.train_text_encoder:
+            if frozen_context is not None and empty_context is not None:
+                context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
+            else:
+                batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
                 tokens = model.tokenizer(
                     batch_captions,
                     padding="max_length",
@@ -135,8 +136,6 @@ def train(
                     return_tensors="pt",
                 )
                 context = model.text_encoder(tokens.input_ids)[0]
-            else:
-                context = model.encode_text(batch_captions)
             loss = diffusion_loss(model, latents_all[idx], context, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -54,7 +54,8 @@ class PrivacyMetrics:
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target_fpr: float) -> TprAtFpr:
     labels = np.asarray(labels).astype(bool)
-    fpr, tpr, thresholds = roc_curve(labels, scores)
+    # Keep every point: with tied scores the dropped ones can hide the admissible TPR.
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     n_non = int((~labels).sum())
     # roc_curve's FPRs are non-decreasing: the last admissible point has the highest TPR.
     index = int(np.flatnonzero(fpr <= target_fpr + 1e-12)[-1])

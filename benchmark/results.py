@@ -175,7 +175,10 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
     Raises:
         RecordError: the record is invalid, the file already exists, or the folder is not writable.
     """
-    data = validate(json.loads(json.dumps(record.to_dict(), allow_nan=False)))
+    try:
+        data = validate(json.loads(json.dumps(record.to_dict(), allow_nan=False)))
+    except ValueError as exc:
+        raise RecordError(f"run {record.run_id}: a value is NaN or infinite ({exc}); nothing was written") from None
     path = record_path(results_dir, record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +195,8 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
         os.link(tmp, path)
     except FileExistsError:
         raise RecordError(f"{path} already exists; results are never overwritten") from None
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc}; pass a writable --results-dir") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path

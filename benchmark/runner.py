@@ -88,15 +88,15 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
             )
         defense = DEFENSES.get(config.defense)()
 
-        pretrain_steps = config.pretrain.epochs * -(-config.public // config.pretrain.batch_size)
-        with timer.stage("base model", total=pretrain_steps) as advance:
+        pretrain_steps = config.pretrain.epochs * -(-len(splits.public) // config.pretrain.batch_size)
+        with timer.stage("base model", total=pretrain_steps if config.model == "tiny" else None) as advance:
             base = MODELS.get(config.model)(
                 BaseModelRequest(
                     dataset=dataset,
                     public_indices=splits.public,
                     resolution=config.resolution,
                     pretrain=config.pretrain,
-                    cache_dir=config.cache_dir,
+                    cache_dir=config.cache_path,
                     model_path=config.model_path,
                 ),
                 lambda step, total, loss: advance(info=f"loss {loss:.4f}"),
@@ -242,7 +242,7 @@ def _fine_tune_stage(
             report = json.loads((folder / "train_report.json").read_text())
             return FineTuned(model=load_model(folder), report=report, from_cache=True)
 
-        tuned, hit, _ = cached(config.cache_dir, "finetuned", inputs, build, load)
+        tuned, hit, _ = cached(config.cache_path, "finetuned", inputs, build, load)
         tuned.from_cache = hit
         tuned.report["from_cache"] = hit
     return tuned

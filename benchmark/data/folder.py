@@ -35,6 +35,7 @@ class FolderDataset:
             )
         files: list[str] = []
         captions: list[str] = []
+        seen: set[str] = set()
         for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -50,6 +51,9 @@ class FolderDataset:
                 raise DatasetError(f"{where}: missing 'file_name'")
             if not isinstance(text, str) or not text.strip():
                 raise DatasetError(f"{where}: missing or empty caption 'text' for {file_name!r}")
+            if file_name in seen:
+                raise DatasetError(f"{where}: duplicate file_name {file_name!r}; each image must appear once")
+            seen.add(file_name)
             path = (root / file_name).resolve()
             if root not in path.parents:
                 raise DatasetError(f"{where}: {file_name!r} points outside the dataset folder")

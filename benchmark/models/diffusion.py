@@ -110,12 +110,14 @@ def load_model(path: Path) -> DiffusionModel:
             "diffusers folder (e.g. a copy of stable-diffusion-v1-5 made with save_pretrained); "
             "nothing is downloaded."
         )
-    missing = [sub for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
-    if not (path / "model_index.json").is_file() or missing:
+    missing = [sub + "/" for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
         raise ModelError(
             f"{path} is not a diffusers text-to-image folder: expected model_index.json and the "
             f"subfolders {', '.join(REQUIRED_SUBFOLDERS)} (+ vae for latent models); "
-            f"missing: {', '.join(missing) or 'model_index.json'}. Save one with "
+            f"missing: {', '.join(missing)}. Save one with "
             "StableDiffusionPipeline.save_pretrained(DIR)."
         )
     try:

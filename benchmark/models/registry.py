@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,5 +93,21 @@ def local_folder_model(request: BaseModelRequest, on_step: StepCallback | None =
     return BaseModel(
         model_dir=Path(request.model_path).resolve(),
         from_cache=True,
-        description={"name": "sd15", "version": "1", "path": str(request.model_path), "resolution": model.resolution},
+        description={
+            "name": "sd15",
+            "version": "1",
+            "path": str(request.model_path),
+            "resolution": model.resolution,
+            "fingerprint": folder_fingerprint(Path(request.model_path)),
+        },
     )
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Names, sizes and modification times of every file: new weights at the same
+    path must not reuse fine-tunes cached for the old ones."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).resolve().rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path.resolve())}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]

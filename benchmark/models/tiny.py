@@ -28,6 +28,7 @@ class TinyModelConfig:
     max_caption_tokens: int = 24
     tokenizer_vocab_size: int = 400
     train_timesteps: int = 1000
+    prediction_type: str = "v_prediction"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -70,5 +71,11 @@ def build_tiny_model(
         attention_head_dim=config.attention_head_dim,
         norm_num_groups=8,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2")
+    # v-prediction: with epsilon-prediction a small pixel-space model barely learns to
+    # use the caption, because at high noise predicting the noise is trivial.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=config.prediction_type,
+    )
     return DiffusionModel(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler)

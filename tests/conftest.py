@@ -1,0 +1,85 @@
+"""Shared fixtures: one micro benchmark run per session, a tiny model, a fake dataset pool.
+
+Nothing here may touch ~/.cache: BENCHMARK_CACHE_DIR points at a temporary folder
+before any `benchmark` module is imported (benchmark.config freezes the presets'
+cache_dir at import time), and every run passes its cache_dir explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# The caller's own cache (if any) is kept for the slow test, which may reuse it.
+USER_CACHE_DIR = os.environ.get("BENCHMARK_CACHE_DIR")
+_SESSION_CACHE = tempfile.mkdtemp(prefix="benchmark-test-cache-")
+os.environ["BENCHMARK_CACHE_DIR"] = _SESSION_CACHE
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two shared cores: torch's default of one thread per core makes every op spin
+# against the other process (a micro run goes from ~2 s to ~75 s). One thread is
+# both faster and less disturbing to whatever else runs on the machine.
+torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def user_cache_dir() -> str | None:
+    """BENCHMARK_CACHE_DIR as the caller set it (None if unset)."""
+    return USER_CACHE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test sees its own BENCHMARK_CACHE_DIR."""
+    cache = tmp_path / "env-cache"
+    monkeypatch.setenv("BENCHMARK_CACHE_DIR", str(cache))
+    return cache
+
+
+@dataclass
+class MicroRun:
+    config: object  # benchmark.config.RunConfig
+    outcome: object  # benchmark.runner.RunOutcome
+    results_dir: Path
+    cache_dir: Path
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
+    """The micro preset, run once for the whole session (cold cache)."""
+    from benchmark.config import preset
+    from benchmark.runner import run
+
+    root = tmp_path_factory.mktemp("micro")
+    results_dir, cache_dir = root / "results", root / "cache"
+    config = preset("micro").replace(results_dir=results_dir, cache_dir=cache_dir)
+    outcome = run(config, show_progress=False)
+    return MicroRun(config=config, outcome=outcome, results_dir=results_dir, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def scene_captions() -> list[str]:
+    from benchmark.data.scenes import ScenesDataset
+
+    ds = ScenesDataset(resolution=8, size=60)
+    return [ds.caption(i) for i in range(len(ds))]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, scene_captions: list[str]) -> Path:
+    """An untrained tiny model (8 px), saved once in diffusers' folder layout."""
+    from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+
+    model = build_tiny_model(corpus=scene_captions, resolution=8, config=TinyModelConfig(), seed=0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model.save(folder)
+    return folder

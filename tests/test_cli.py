@@ -1,0 +1,142 @@
+"""The command line: exit codes and messages a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmark.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich wraps at 80 columns when not on a terminal; messages are matched whole.
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+
+
+def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    argv = [
+        "run",
+        "--preset",
+        "micro",
+        "--quiet",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *args,
+    ]
+    code = main(argv)
+    captured = capsys.readouterr()
+    # Nothing may have been computed or written for a rejected configuration.
+    assert not (tmp_path / "results").exists()
+    return code, " ".join((captured.err + captured.out).split())
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--defense", "nonee"], ["unknown defense 'nonee'", "did you mean 'none'", "available: none"]),
+        (["--dataset", "scene"], ["unknown dataset 'scene'", "did you mean 'scenes'", "folder, scenes"]),
+        (["--model", "tinyy"], ["unknown model 'tinyy'", "did you mean 'tiny'", "sd15, tiny"]),
+        (["--attack-model", "treshold"], ["did you mean 'threshold'"]),
+        (["--encoder", "pixel"], ["did you mean 'pixels'"]),
+        (["--distance", "cosin"], ["did you mean 'cosine'"]),
+    ],
+)
+def test_unknown_names_exit_2_with_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: list[str]
+) -> None:
+    code, err = _run(tmp_path, capsys, *flags)
+    assert code == 2
+    assert "error:" in err
+    for text in expected:
+        assert text in err
+    assert "Traceback" not in err
+
+
+def test_sd15_without_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(tmp_path, capsys, "--model", "sd15")
+    assert code == 2
+    assert "--model-path" in err and "nothing is downloaded" in err
+
+
+def test_sd15_with_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    code, err = _run(tmp_path, capsys, "--model", "sd15", "--model-path", str(empty))
+    assert code == 2
+    assert "model_index.json" in err
+    assert "not a diffusers text-to-image folder" in err
+
+
+def test_sd15_with_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(tmp_path, capsys, "--model", "sd15", "--model-path", str(tmp_path / "nope"))
+    assert code == 2
+    assert "does not exist" in err
+
+
+def test_folder_dataset_with_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-data"
+    code, err = _run(tmp_path, capsys, "--dataset", "folder", "--dataset-path", str(missing))
+    assert code == 2
+    assert "does not exist" in err and "no-such-data" in err
+
+
+def test_folder_dataset_without_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(tmp_path, capsys, "--dataset", "folder")
+    assert code == 2
+    assert "--dataset-path" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--members", "0"], "members must be >= 1"),
+        (["--epochs", "0"], "finetune.epochs must be >= 1"),
+        (["--learning-rate", "0"], "learning_rate must be > 0"),
+        (["--scenario", "V"], "unknown scenario 'V'"),
+        (["--scenario", "II"], "needs a captioner"),
+    ],
+)
+def test_invalid_values_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    code, err = _run(tmp_path, capsys, *flags)
+    assert code == 2
+    assert expected in err
+
+
+def test_unknown_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--preset", "huge", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "unknown preset 'huge'" in err and "micro" in err
+
+
+def test_error_messages_are_not_markup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weird = tmp_path / "data[/x]" / "[bold]set"
+    code, err = _run(tmp_path, capsys, "--dataset", "folder", "--dataset-path", str(weird))
+    assert code == 2
+    assert "[bold]set" in err
+
+
+def test_list_prints_every_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr()
+    text = out.err + out.out
+    for kind in ("datasets", "models", "defenses", "attack models", "encoders", "distances", "scenarios", "presets"):
+        assert kind in text, kind
+    lines = [line.split() for line in text.splitlines()]
+    entries = {words[0] for words in lines if words}
+    for name in ("none", "threshold", "pixels", "scenes", "folder", "tiny", "sd15", "cosine", "micro", "III"):
+        assert name in entries, name
+
+
+def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""The embedded scenes dataset and the metadata.jsonl image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmark.data import DATASETS, DatasetError, DatasetSpec
+from benchmark.data import scenes as scenes_module
+from benchmark.data.folder import FolderDataset
+from benchmark.data.scenes import DEFAULT_SIZE, ScenesDataset
+
+
+def test_scenes_registered_and_default_size() -> None:
+    ds = DATASETS.get("scenes")(DatasetSpec("scenes", resolution=8))
+    assert len(ds) == DEFAULT_SIZE
+    assert len(ds.ids) == DEFAULT_SIZE and len(set(ds.ids)) == DEFAULT_SIZE
+
+
+def test_scenes_captions_unique() -> None:
+    ds = ScenesDataset(resolution=8, size=DEFAULT_SIZE)
+    captions = [ds.caption(i) for i in range(len(ds))]
+    assert len(set(captions)) == len(captions)
+    assert all(c.startswith("a ") and " background" in c for c in captions)
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_scenes_images_shape_range_and_determinism(resolution: int) -> None:
+    a = ScenesDataset(resolution=resolution, size=50)
+    first = [np.array(a.image(i)) for i in range(10)]
+    scenes_module._render_cached.cache_clear()  # force a second render, not a cache hit
+    b = ScenesDataset(resolution=resolution, size=50)
+    for i, image in enumerate(first):
+        assert image.shape == (resolution, resolution, 3)
+        assert image.dtype == np.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        np.testing.assert_array_equal(image, b.image(i))
+        assert a.caption(i) == b.caption(i)
+    assert not np.array_equal(first[0], first[1])
+    assert a.describe()["resolution"] == resolution
+
+
+def test_scenes_size_and_resolution_limits() -> None:
+    with pytest.raises(DatasetError, match="distinct captions"):
+        ScenesDataset(resolution=8, size=10**6)
+    with pytest.raises(DatasetError, match="resolution >= 8"):
+        ScenesDataset(resolution=4, size=10)
+
+
+def _png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (20, 12)) -> None:
+    Image.new("RGB", size, color).save(path)
+
+
+def _folder(root: Path, rows: list[object] | None = None, *, raw_lines: list[str] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    _png(root / "a.png", (255, 0, 0))
+    _png(root / "b.png", (0, 255, 0), (12, 20))
+    _png(root / "c.png", (0, 0, 255), (16, 16))
+    if rows is None:
+        rows = [
+            {"file_name": "a.png", "text": "a red picture"},
+            {"file_name": "b.png", "text": "  a green picture  "},
+            {"file_name": "c.png", "text": "a blue picture"},
+        ]
+    lines = raw_lines if raw_lines is not None else [json.dumps(r) for r in rows]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folder_dataset_loads(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    ds = DATASETS.get("folder")(DatasetSpec("folder", resolution=8, path=root))
+    assert len(ds) == 3
+    assert list(ds.ids) == ["a.png", "b.png", "c.png"]
+    assert [ds.caption(i) for i in range(3)] == ["a red picture", "a green picture", "a blue picture"]
+    for i, channel in enumerate((0, 1, 2)):
+        image = ds.image(i)
+        assert image.shape == (8, 8, 3) and image.dtype == np.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        assert image[..., channel].mean() == pytest.approx(1.0)
+        assert np.delete(image, channel, axis=-1).max() == pytest.approx(0.0)
+    described = ds.describe()
+    assert described["size"] == 3 and described["path"] == str(root.resolve())
+    assert len(described["metadata_sha256"]) == 16
+
+
+def test_folder_dataset_size_limit_and_blank_lines(tmp_path: Path) -> None:
+    root = _folder(
+        tmp_path / "data",
+        raw_lines=[
+            json.dumps({"file_name": "a.png", "text": "one"}),
+            "",
+            json.dumps({"file_name": "b.png", "text": "two"}),
+            json.dumps({"file_name": "c.png", "text": "three"}),
+        ],
+    )
+    ds = FolderDataset(root, resolution=8, size=2)
+    assert list(ds.ids) == ["a.png", "b.png"]
+
+
+def _error(root: Path) -> str:
+    with pytest.raises(DatasetError) as info:
+        FolderDataset(root, resolution=8)
+    return str(info.value)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    message = _error(tmp_path / "nowhere")
+    assert "does not exist" in message and "--dataset-path" in message
+    assert "nowhere" in message
+
+
+def test_folder_spec_without_path() -> None:
+    with pytest.raises(DatasetError, match="--dataset-path"):
+        DATASETS.get("folder")(DatasetSpec("folder", resolution=8))
+
+
+def test_missing_metadata(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "metadata.jsonl").unlink()
+    message = _error(root)
+    assert "no metadata.jsonl" in message
+    assert "file_name" in message and "text" in message  # says what a line looks like
+
+
+def test_invalid_json_line_names_line_number(tmp_path: Path) -> None:
+    root = _folder(
+        tmp_path / "data",
+        raw_lines=[
+            json.dumps({"file_name": "a.png", "text": "one"}),
+            json.dumps({"file_name": "b.png", "text": "two"}),
+            '{"file_name": "c.png", "text": ',
+        ],
+    )
+    message = _error(root)
+    assert "metadata.jsonl:3" in message
+    assert "not valid JSON" in message
+
+
+def test_non_object_line(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", raw_lines=['["a.png", "caption"]'])
+    assert "metadata.jsonl:1: expected a JSON object" in _error(root)
+
+
+def test_missing_image_file(tmp_path: Path) -> None:
+    root = _folder(
+        tmp_path / "data",
+        [{"file_name": "a.png", "text": "one"}, {"file_name": "missing.png", "text": "two"}],
+    )
+    message = _error(root)
+    assert "metadata.jsonl:2" in message
+    assert "'missing.png' not found" in message
+
+
+def test_unreadable_image(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "b.png").write_bytes(b"this is not a png at all" * 10)
+    message = _error(root)
+    assert "metadata.jsonl:2" in message
+    assert "'b.png' is unreadable" in message
+
+
+@pytest.mark.parametrize("text", ["", "   ", None])
+def test_empty_caption(tmp_path: Path, text: str | None) -> None:
+    row: dict[str, object] = {"file_name": "b.png"}
+    if text is not None:
+        row["text"] = text
+    root = _folder(tmp_path / "data", [{"file_name": "a.png", "text": "one"}, row])
+    message = _error(root)
+    assert "metadata.jsonl:2" in message
+    assert "empty caption" in message
+
+
+def test_missing_file_name(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", [{"text": "no file"}])
+    assert "missing 'file_name'" in _error(root)
+
+
+def test_path_outside_folder_rejected(tmp_path: Path) -> None:
+    _png(tmp_path / "outside.png", (1, 2, 3))
+    root = _folder(tmp_path / "data", [{"file_name": "../outside.png", "text": "escape"}])
+    assert "outside the dataset folder" in _error(root)
+
+
+def test_empty_metadata(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", raw_lines=[""])
+    assert "lists no images" in _error(root)
+
+
+def test_duplicate_file_names_rejected(tmp_path: Path) -> None:
+    root = _folder(
+        tmp_path / "data",
+        [
+            {"file_name": "a.png", "text": "one"},
+            {"file_name": "b.png", "text": "two"},
+            {"file_name": "a.png", "text": "x"},
+        ],
+    )
+    assert "metadata.jsonl:3" in _error(root)

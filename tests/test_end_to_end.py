@@ -1,0 +1,152 @@
+"""The whole pipeline on the micro preset: one cold run per session, then cheap warm-cache runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+import benchmark.runner as runner
+from benchmark.cli import main
+from benchmark.metrics import privacy_metrics
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_writes_exactly_one_record(micro_run) -> None:  # type: ignore[no-untyped-def]
+    record = micro_run.outcome.record
+    expected = micro_run.results_dir / "scenes" / "III" / "none" / f"{record.run_id}.json"
+    assert micro_run.outcome.path == expected
+    assert _files(micro_run.results_dir) == [expected]
+
+
+def test_query_accounting(micro_run) -> None:  # type: ignore[no-untyped-def]
+    config, attack = micro_run.config, micro_run.outcome.record.attack
+    assert attack["queries_spent"] == config.members + config.nonmembers
+    assert attack["images_generated"] == attack["queries_spent"] * config.generations_per_query
+    assert attack["shadow_queries_spent"] == config.shadow_members + config.shadow_nonmembers
+    assert attack["shadow_overlap_with_target_members"] == 0  # scenario III
+
+
+def test_queries_match_splits(micro_run) -> None:  # type: ignore[no-untyped-def]
+    record = micro_run.outcome.record
+    splits, attack = record.splits, record.attack
+    members, nonmembers = set(splits["members"]), set(splits["nonmembers"])
+    assert not members & nonmembers
+    assert set(attack["query_ids"]) == members | nonmembers
+    assert len(attack["query_ids"]) == len(set(attack["query_ids"]))
+    for qid, label in zip(attack["query_ids"], attack["labels"], strict=True):
+        assert label == (qid in members), qid
+    shadow = set(splits["shadow_members"]) | set(splits["shadow_nonmembers"])
+    assert not shadow & (members | nonmembers), "scenario III: the shadow uses auxiliary data only"
+    assert shadow <= set(splits["auxiliary"])
+    assert not set(splits["public"]) & (members | nonmembers | shadow)
+    # The query order carries no label: members are not simply listed first.
+    assert attack["labels"] != sorted(attack["labels"], reverse=True)
+
+
+def test_metrics_recompute_from_per_query_data(micro_run) -> None:  # type: ignore[no-untyped-def]
+    record = micro_run.outcome.record
+    attack = record.attack
+    labels = np.asarray(attack["labels"])
+    membership = np.asarray(attack["membership_scores"])
+    predictions = np.asarray(attack["predictions"])
+    scores = np.asarray(attack["scores"])
+    # The threshold attack's membership score is the mean similarity over generations.
+    np.testing.assert_allclose(membership, scores.mean(axis=1))
+    threshold = record.components["attack_model"]["threshold"]
+    np.testing.assert_array_equal(predictions, (membership >= threshold).astype(int))
+    assert record.privacy["auc"] == pytest.approx(roc_auc_score(labels, membership), abs=1e-12)
+    assert record.metrics["attack_auc"].value == pytest.approx(roc_auc_score(labels, membership), abs=1e-12)
+    assert record.privacy["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions))
+    assert record.privacy == privacy_metrics(labels, membership, predictions).to_dict()
+    assert record.metrics["attack_tpr_at_1pct_fpr"].value == record.privacy["tpr_at_fpr"][0]["tpr"]
+    assert record.control is not None and 0.0 <= record.control["auc"] <= 1.0
+    assert record.metrics["control_auc_base_model"].value == record.control["auc"]
+
+
+def test_training_reports(micro_run) -> None:  # type: ignore[no-untyped-def]
+    training = micro_run.outcome.record.training
+    finetune = micro_run.config.finetune
+    for which in ("target", "shadow"):
+        report = training[which]
+        assert report["epochs_completed"] == finetune.epochs
+        assert report["steps"] == finetune.epochs * -(-8 // finetune.batch_size)
+        assert np.isfinite(report["final_loss"])
+        assert report["from_cache"] is False  # the session run starts from an empty cache
+        assert report["defense_details"] == {}
+    assert training["shadow"]["config"]["seed"] != training["target"]["config"]["seed"]
+
+
+@pytest.fixture(scope="module")
+def warm_run(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Same config and seed, same cache, fresh results folder."""
+    results = tmp_path_factory.mktemp("warm-results")
+    outcome = runner.run(micro_run.config.replace(results_dir=results), show_progress=False)
+    return outcome, results
+
+
+def test_same_seed_on_warm_cache_is_deterministic(micro_run, warm_run) -> None:  # type: ignore[no-untyped-def]
+    outcome, results = warm_run
+    first, second = micro_run.outcome.record, outcome.record
+    assert second.run_id != first.run_id
+    assert _files(results) == [outcome.path]
+    assert second.components["model"]["from_cache"] is True
+    assert second.training["target"]["from_cache"] is True and second.training["shadow"]["from_cache"] is True
+    for key in ("query_ids", "labels", "scores", "membership_scores", "predictions"):
+        assert second.attack[key] == first.attack[key], key
+    assert second.privacy == first.privacy
+    assert second.control == first.control
+    assert second.splits == first.splits
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("stage", ["score_queries", "fit_attack_model", "write_record"])
+def test_interrupted_run_writes_nothing(
+    micro_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException], stage: str
+) -> None:  # type: ignore[no-untyped-def]
+    calls = []
+
+    def fail(*args: object, **kwargs: object) -> None:
+        calls.append(stage)
+        raise error("simulated interruption")
+
+    monkeypatch.setattr(runner, stage, fail)
+    results = tmp_path / "results"
+    cache_before = _files(micro_run.cache_dir)
+    with pytest.raises(error, match="simulated interruption"):
+        runner.run(micro_run.config.replace(results_dir=results), show_progress=False)
+    assert calls == [stage]
+    assert _files(results) == [], "an interrupted run must leave no result and no temporary file"
+    assert _files(micro_run.cache_dir) == cache_before, "models came from the cache; nothing rebuilt"
+
+
+def test_cli_run_on_warm_cache(micro_run, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("COLUMNS", "400")
+    results = tmp_path / "results"
+    code = main(
+        ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0
+    [path] = _files(results)
+    assert "result written to" in err and str(path) in err
+    assert "attack_auc" in err
+
+
+def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "score_queries", interrupt)
+    results = tmp_path / "results"
+    code = main(
+        ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
+    )
+    assert code == 130
+    assert "no result was written" in capsys.readouterr().err
+    assert _files(results) == []

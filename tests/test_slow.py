@@ -1,0 +1,30 @@
+"""The default configuration, end to end (minutes on a CPU): the attack must clearly beat chance.
+
+Selected with `pytest -m slow`; set BENCHMARK_CACHE_DIR to reuse base and fine-tuned models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmark.config import preset
+from benchmark.results import load_record
+from benchmark.runner import run
+
+
+@pytest.mark.slow
+def test_default_preset_attack_beats_chance(tmp_path: Path, user_cache_dir: str | None) -> None:
+    cache_dir = Path(user_cache_dir).expanduser().resolve() if user_cache_dir else tmp_path / "cache"
+    config = preset("default").replace(results_dir=tmp_path / "results", cache_dir=cache_dir)
+    outcome = run(config, show_progress=False)
+
+    data = load_record(outcome.path)
+    assert data["attack"]["queries_spent"] == config.members + config.nonmembers
+    auc = outcome.record.metrics["attack_auc"].value
+    control = outcome.record.metrics["control_auc_base_model"].value
+    assert auc is not None and auc >= 0.8, f"undefended attack AUC {auc:.3f}: should clearly beat chance"
+    assert control is not None and 0.3 <= control <= 0.7, (
+        f"control AUC on the base model {control:.3f}: should be near 0.5"
+    )

@@ -1,0 +1,137 @@
+"""Seeded dataset splits and the attacker's shadow split."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from attacks.scenarios import Scenario
+from benchmark.data.splits import Splits, SplitSizes, make_splits, shadow_split
+from benchmark.errors import ConfigError
+
+SIZES = SplitSizes(public=40, members=20, nonmembers=20, auxiliary=30, utility=10)
+POOL = 150
+
+
+def _parts(splits: Splits) -> dict[str, tuple[int, ...]]:
+    return splits.as_dict()
+
+
+def test_splits_are_pairwise_disjoint_and_sized() -> None:
+    splits = make_splits(POOL, SIZES, public_seed=0, seed=0)
+    parts = _parts(splits)
+    for name, wanted in (
+        ("public", SIZES.public),
+        ("members", SIZES.members),
+        ("nonmembers", SIZES.nonmembers),
+        ("auxiliary", SIZES.auxiliary),
+        ("utility", SIZES.utility),
+    ):
+        assert len(parts[name]) == wanted, name
+        assert len(set(parts[name])) == wanted, f"{name} has repeats"
+    for (a, xs), (b, ys) in itertools.combinations(parts.items(), 2):
+        assert not set(xs) & set(ys), f"{a} and {b} overlap"
+    every = set().union(*map(set, parts.values()))
+    assert every <= set(range(POOL))
+    assert len(every) == SIZES.total
+
+
+def test_pool_exactly_used_up() -> None:
+    sizes = SplitSizes(public=3, members=2, nonmembers=2, auxiliary=2, utility=1)
+    splits = make_splits(10, sizes, public_seed=1, seed=2)
+    assert sorted(itertools.chain.from_iterable(_parts(splits).values())) == list(range(10))
+
+
+def test_deterministic_for_fixed_seeds() -> None:
+    a = make_splits(POOL, SIZES, public_seed=3, seed=5)
+    b = make_splits(POOL, SIZES, public_seed=3, seed=5)
+    assert a == b
+
+
+def test_changing_seed_keeps_public_but_changes_members() -> None:
+    a = make_splits(POOL, SIZES, public_seed=0, seed=0)
+    b = make_splits(POOL, SIZES, public_seed=0, seed=1)
+    assert a.public == b.public
+    assert set(a.members) != set(b.members)
+    assert set(a.nonmembers) != set(b.nonmembers)
+
+
+def test_changing_public_seed_changes_public() -> None:
+    a = make_splits(POOL, SIZES, public_seed=0, seed=0)
+    b = make_splits(POOL, SIZES, public_seed=1, seed=0)
+    assert set(a.public) != set(b.public)
+
+
+def test_sizes_exceeding_pool_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match=rf"need {SIZES.total} images .* the dataset has {SIZES.total - 1}"):
+        make_splits(SIZES.total - 1, SIZES, public_seed=0, seed=0)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        SplitSizes(public=0, members=0, nonmembers=5, auxiliary=0, utility=0),
+        SplitSizes(public=0, members=5, nonmembers=0, auxiliary=0, utility=0),
+        SplitSizes(public=-1, members=5, nonmembers=5, auxiliary=0, utility=0),
+    ],
+)
+def test_degenerate_sizes_raise_config_error(sizes: SplitSizes) -> None:
+    with pytest.raises(ConfigError):
+        make_splits(100, sizes, public_seed=0, seed=0)
+
+
+@pytest.fixture
+def splits() -> Splits:
+    return make_splits(POOL, SIZES, public_seed=0, seed=0)
+
+
+def test_scenario_overlaps() -> None:
+    assert Scenario.III.auxiliary_member_overlap == 0
+    assert Scenario.IV.auxiliary_member_overlap == 0
+    assert Scenario.I.auxiliary_member_overlap == 0.5
+    assert Scenario.II.auxiliary_member_overlap == 0.5
+
+
+def test_shadow_without_overlap_uses_only_auxiliary(splits: Splits) -> None:
+    shadow = shadow_split(splits, members=10, nonmembers=10, target_member_overlap=0.0, seed=0)
+    assert shadow.overlap_with_target_members == 0
+    assert len(shadow.members) == 10 and len(shadow.nonmembers) == 10
+    assert not set(shadow.members) & set(splits.members)
+    assert set(shadow.members) | set(shadow.nonmembers) <= set(splits.auxiliary)
+    assert not set(shadow.members) & set(shadow.nonmembers)
+    assert not (set(shadow.members) | set(shadow.nonmembers)) & set(splits.nonmembers)
+
+
+def test_shadow_with_half_overlap(splits: Splits) -> None:
+    shadow = shadow_split(splits, members=10, nonmembers=10, target_member_overlap=0.5, seed=0)
+    assert shadow.overlap_with_target_members == 5
+    assert len(set(shadow.members) & set(splits.members)) == 5
+    assert len(set(shadow.members) & set(splits.auxiliary)) == 5
+    assert len(set(shadow.members)) == 10
+    # Target non-members are the attack's evaluation set: never in the shadow.
+    assert not (set(shadow.members) | set(shadow.nonmembers)) & set(splits.nonmembers)
+    assert set(shadow.nonmembers) <= set(splits.auxiliary)
+    assert not set(shadow.members) & set(shadow.nonmembers)
+
+
+def test_shadow_split_deterministic_and_seeded(splits: Splits) -> None:
+    a = shadow_split(splits, members=10, nonmembers=10, target_member_overlap=0.5, seed=3)
+    b = shadow_split(splits, members=10, nonmembers=10, target_member_overlap=0.5, seed=3)
+    c = shadow_split(splits, members=10, nonmembers=10, target_member_overlap=0.5, seed=4)
+    assert a == b
+    assert (a.members, a.nonmembers) != (c.members, c.nonmembers)
+
+
+def test_shadow_split_raises_when_auxiliary_too_small(splits: Splits) -> None:
+    # 30 auxiliary images; 20 + 20 needed without overlap.
+    with pytest.raises(ConfigError, match="auxiliary pool has 30"):
+        shadow_split(splits, members=20, nonmembers=20, target_member_overlap=0.0, seed=0)
+    # With half the members from the target, 10 + 20 fits exactly.
+    shadow = shadow_split(splits, members=20, nonmembers=20, target_member_overlap=0.5, seed=0)
+    assert len(shadow.members) == 20 and len(shadow.nonmembers) == 20
+
+
+def test_shadow_split_raises_when_target_members_too_few(splits: Splits) -> None:
+    with pytest.raises(ConfigError, match="target members"):
+        shadow_split(splits, members=50, nonmembers=0, target_member_overlap=1.0, seed=0)
