@@ -69,9 +69,7 @@ class ThresholdAttack(AttackModel):
         best = int(np.argmax(tpr - fpr))
         # roc_curve's first threshold is +inf; a finite one keeps the record valid JSON.
         self.threshold = (
-            float(thresholds[best])
-            if np.isfinite(thresholds[best])
-            else float(np.nextafter(reduced.max(), np.inf))
+            float(thresholds[best]) if np.isfinite(thresholds[best]) else float(np.nextafter(reduced.max(), np.inf))
         )
         return self
 

@@ -117,7 +117,7 @@ def train(
     history: list[float] = []
     step = 0
     loss_value = float("nan")
-    for epoch in range(config.epochs):
+    for _epoch in range(config.epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
@@ -127,7 +127,7 @@ def train(
             if frozen_context is not None and empty_context is not None:
                 context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
             else:
-                batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+                batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
                 tokens = model.tokenizer(
                     batch_captions,
                     padding="max_length",

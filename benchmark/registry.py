@@ -40,8 +40,7 @@ class Registry(Generic[T]):
             raise ValueError(f"invalid {self.kind} name {name!r}: use letters, digits, '_', '-' or '.'")
         if name in self._entries:
             raise RegistryError(
-                f"duplicate {self.kind} {name!r}: already registered by {self._origins[name]}; "
-                "pick another name"
+                f"duplicate {self.kind} {name!r}: already registered by {self._origins[name]}; pick another name"
             )
         self._entries[name] = obj
         self._origins[name] = origin

@@ -93,7 +93,9 @@ def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", part) or "_"
 
 
-def provenance(libraries: tuple[str, ...] = ("torch", "diffusers", "transformers", "numpy", "scikit-learn")) -> Provenance:
+def provenance(
+    libraries: tuple[str, ...] = ("torch", "diffusers", "transformers", "numpy", "scikit-learn"),
+) -> Provenance:
     from importlib import metadata
 
     from benchmark import __version__

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from attacks.attack import AttackConfig, Query, ScoredQueries, fit_attack_model, score_queries
+from attacks.attack import AttackConfig, Query, fit_attack_model, score_queries
 from attacks.attack_models import ATTACK_MODELS
 from attacks.encoders import ENCODERS
 from attacks.scenarios import CaptionSource
 from benchmark.cache import cached
+from benchmark.config import RunConfig
 from benchmark.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
-from benchmark.data.splits import ShadowSplit, SplitSizes, Splits, make_splits, shadow_split
+from benchmark.data.splits import Splits, SplitSizes, make_splits, shadow_split
 from benchmark.errors import ConfigError
 from benchmark.finetune import TrainConfig, TrainReport
 from benchmark.metrics import privacy_metrics
@@ -30,7 +31,6 @@ from benchmark.models.diffusion import DiffusionModel, load_model
 from benchmark.models.registry import MODELS, BaseModel, BaseModelRequest
 from benchmark.plugins import component_origin
 from benchmark.progress import StageTimer
-from benchmark.config import RunConfig
 from benchmark.results import Metric, ResultRecord, new_run_id, provenance, write_record
 from benchmark.target import BlackBoxTarget
 from defenses import DEFENSES, Defense
@@ -102,7 +102,9 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
                 lambda step, total, loss: advance(info=f"loss {loss:.4f}"),
             )
 
-        target = _fine_tune_stage(timer, "fine-tune target", config, base, defense, dataset, splits.members, seed=config.seed)
+        target = _fine_tune_stage(
+            timer, "fine-tune target", config, base, defense, dataset, splits.members, seed=config.seed
+        )
         shadow_model = _fine_tune_stage(
             timer, "fine-tune shadow", config, base, defense, dataset, shadow.members, seed=config.seed + 10_000
         )
@@ -131,7 +133,9 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
         predictions = attack_model.predict(target_scores.scores)
         privacy = privacy_metrics(target_labels, membership, predictions)
         shadow_privacy = privacy_metrics(
-            shadow_labels, attack_model.membership_score(shadow_scores.scores), attack_model.predict(shadow_scores.scores)
+            shadow_labels,
+            attack_model.membership_score(shadow_scores.scores),
+            attack_model.predict(shadow_scores.scores),
         )
 
         control = None
@@ -140,7 +144,9 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
                 base_box = BlackBoxTarget.from_model(base.load(), config.sampling, name="base")
                 base_scores = score_queries(base_box, target_queries, attack_config, encoder=encoder, progress=advance)
                 control = privacy_metrics(
-                    target_labels, attack_model.membership_score(base_scores.scores), attack_model.predict(base_scores.scores)
+                    target_labels,
+                    attack_model.membership_score(base_scores.scores),
+                    attack_model.predict(base_scores.scores),
                 )
 
     record = ResultRecord(
@@ -149,10 +155,22 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
         seeds={"seed": config.seed, "public_seed": config.public_seed, "shadow_seed": config.seed + 10_000},
         config=config.to_dict(),
         components={
-            "dataset": {**dataset.describe(), "version": str(dataset.describe().get("version", "1")), "origin": component_origin(DATASETS, config.dataset)},
-            "model": {**base.description, "origin": component_origin(MODELS, config.model), "from_cache": base.from_cache},
+            "dataset": {
+                **dataset.describe(),
+                "version": str(dataset.describe().get("version", "1")),
+                "origin": component_origin(DATASETS, config.dataset),
+            },
+            "model": {
+                **base.description,
+                "origin": component_origin(MODELS, config.model),
+                "from_cache": base.from_cache,
+            },
             "defense": {**defense.describe(), "origin": component_origin(DEFENSES, config.defense)},
-            "attack_model": {**attack_model.describe(), "version": "1", "origin": component_origin(ATTACK_MODELS, config.attack_model)},
+            "attack_model": {
+                **attack_model.describe(),
+                "version": "1",
+                "origin": component_origin(ATTACK_MODELS, config.attack_model),
+            },
             "encoder": {**encoder.describe(), "version": "1", "origin": component_origin(ENCODERS, config.encoder)},
         },
         splits={
@@ -269,7 +287,9 @@ def _headline_metrics(privacy, control) -> dict[str, Metric]:  # type: ignore[no
         "attack_auc": Metric(privacy.auc, False, "ROC AUC of the attack on the target (0.5 = chance)"),
         "attack_tpr_at_1pct_fpr": Metric(tpr1.tpr, False, f"TPR at FPR <= 1% ({tpr1.n_nonmembers} non-members)"),
         "attack_tpr_at_0.1pct_fpr": Metric(tpr01.tpr, False, f"TPR at FPR <= 0.1% ({tpr01.n_nonmembers} non-members)"),
-        "attack_balanced_accuracy": Metric(privacy.balanced_accuracy, False, "the paper's ASR, threshold fitted on the shadow"),
+        "attack_balanced_accuracy": Metric(
+            privacy.balanced_accuracy, False, "the paper's ASR, threshold fitted on the shadow"
+        ),
     }
     if control is not None:
         metrics["control_auc_base_model"] = Metric(

@@ -63,7 +63,9 @@ class FolderDataset:
                 with Image.open(path) as im:
                     im.verify()
             except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise DatasetError(f"{where}: image {file_name!r} is unreadable ({exc}); replace or remove it") from None
+                raise DatasetError(
+                    f"{where}: image {file_name!r} is unreadable ({exc}); replace or remove it"
+                ) from None
             files.append(file_name)
             captions.append(text.strip())
         if not files:

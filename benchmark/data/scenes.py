@@ -67,9 +67,7 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) 
     return dist * radius
 
 
-def render_scene(
-    combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int
-) -> np.ndarray:
+def render_scene(combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int) -> np.ndarray:
     size, color, shape, pos, bg = combo
     r = resolution
     coords = (np.arange(r, dtype=np.float64) + 0.5) / r

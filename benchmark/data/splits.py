@@ -97,7 +97,9 @@ def shadow_split(
     """
     from_target = int(round(members * target_member_overlap))
     if from_target > len(splits.members):
-        raise ConfigError(f"scenario needs {from_target} target members in the shadow but there are {len(splits.members)}")
+        raise ConfigError(
+            f"scenario needs {from_target} target members in the shadow but there are {len(splits.members)}"
+        )
     from_aux = members - from_target
     need = from_aux + nonmembers
     if need > len(splits.auxiliary):

@@ -73,7 +73,9 @@ def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -
         return folder
 
     folder, hit, _ = cached(request.cache_dir, "base-tiny", inputs, build, check)
-    return BaseModel(model_dir=folder, from_cache=hit, description={"name": "tiny", "version": "1", **inputs, "dataset": ds.name})
+    return BaseModel(
+        model_dir=folder, from_cache=hit, description={"name": "tiny", "version": "1", **inputs, "dataset": ds.name}
+    )
 
 
 @MODELS.register("sd15")

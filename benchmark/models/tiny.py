@@ -41,9 +41,7 @@ def build_tokenizer(corpus: Sequence[str], config: TinyModelConfig) -> CLIPToken
     return tokenizer
 
 
-def build_tiny_model(
-    *, corpus: Sequence[str], resolution: int, config: TinyModelConfig, seed: int
-) -> DiffusionModel:
+def build_tiny_model(*, corpus: Sequence[str], resolution: int, config: TinyModelConfig, seed: int) -> DiffusionModel:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(corpus, config)
     text_config = CLIPTextConfig(
