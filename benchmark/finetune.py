@@ -2,13 +2,15 @@
 
 Every flag that changes training is a field of `TrainConfig` and is recorded with
 the result; there is no hidden augmentation or caption dropout in the baseline.
-A defense changes training only through the hooks of `TrainingHooks`.
+A defense changes training only through the hooks of `TrainingHooks`; the default
+hooks are the plain recipe, so `train(...)` without hooks is the `none` defense.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,7 +39,12 @@ class TrainConfig:
 
 @dataclass
 class TrainingState:
-    """What the loop trains; defenses may replace any part before training starts."""
+    """What the loop trains; hooks may replace any part in `TrainingHooks.setup`.
+
+    `model.unet` may be replaced by a wrapper (a PEFT model, an Opacus
+    GradSampleModule) for the duration of training, as long as the hook that
+    wrapped it restores a plain `UNet2DConditionModel` in `finish`.
+    """
 
     model: DiffusionModel
     parameters: list[torch.nn.Parameter]
@@ -45,7 +52,14 @@ class TrainingState:
     images: torch.Tensor
     captions: list[str]
     config: TrainConfig
+    generator: torch.Generator
+    epoch: int = 0
+    step: int = 0
     notes: dict[str, object] = field(default_factory=dict)
+
+    def make_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The recipe's optimizer (AdamW, its learning rate and weight decay) over `parameters`."""
+        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
 
 
 @dataclass
@@ -58,6 +72,118 @@ class TrainReport:
 
 
 StepCallback = Callable[[int, int, float], None]
+
+
+class TrainingHooks:
+    """The points where a defense may change training. Every default is the plain recipe.
+
+    Order of calls in `train`: `training_data` once, `setup` once (after the
+    default parameters and optimizer exist), then per epoch `batches`, and per
+    batch `transform` and `optimizer_step` (or `empty_batch_step`), then
+    `end_epoch`; finally `finish`, and `details` for the record.
+    """
+
+    #: whether `transform` changes images (then latents are computed per batch).
+    transforms_images: bool = False
+
+    def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
+        """The part of the owner's data that is trained on (e.g. minus a validation hold-out)."""
+        return images, captions
+
+    def setup(self, state: TrainingState) -> None:
+        """Replace the trained parameters, the optimizer or the UNet (wrapping it) before training."""
+
+    def batches(self, state: TrainingState) -> Iterator[torch.Tensor]:
+        """Index batches for one epoch: a fresh shuffle cut into `batch_size` pieces."""
+        order = torch.randperm(len(state.images), generator=state.generator)
+        for start in range(0, len(order), state.config.batch_size):
+            yield order[start : start + state.config.batch_size]
+
+    def transform(self, images: torch.Tensor, state: TrainingState) -> torch.Tensor:
+        """Per-batch image transform (images in [-1, 1], NCHW), applied before encoding."""
+        return images
+
+    def optimizer_step(self, state: TrainingState) -> bool:
+        """Update after `backward()`; return whether a (logical) optimizer step was taken."""
+        if state.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(state.parameters, state.config.max_grad_norm)
+        state.optimizer.step()
+        return True
+
+    def empty_batch_step(self, state: TrainingState) -> bool:
+        """An empty batch (possible only with Poisson sampling); the plain recipe never makes one."""
+        return False
+
+    def end_epoch(self, state: TrainingState) -> bool:
+        """Called after each epoch; return True to stop training."""
+        return False
+
+    def finish(self, state: TrainingState) -> None:
+        """Undo wrappers so that `state.model` is a plain, saveable model again."""
+
+    def details(self) -> dict[str, object]:
+        """What the defense wants on the record (JSON-serialisable, finite numbers)."""
+        return {}
+
+
+class ComposedHooks(TrainingHooks):
+    """Several hooks in one loop. At most one of them may take over sampling and stepping.
+
+    `setup` runs in the given order, `finish` in reverse (the last wrapper is
+    removed first), `transform` chains, and training stops when any `end_epoch`
+    asks for it (every one is still called, so each sees every epoch).
+    """
+
+    def __init__(self, hooks: list[TrainingHooks]) -> None:
+        self.hooks = list(hooks)
+        self.transforms_images = any(h.transforms_images for h in self.hooks)
+        self._stepper = self._owner("optimizer_step")
+        self._sampler = self._owner("batches")
+        self._empty = self._owner("empty_batch_step")
+
+    def _owner(self, method: str) -> TrainingHooks:
+        owners = [h for h in self.hooks if getattr(type(h), method) is not getattr(TrainingHooks, method)]
+        if len(owners) > 1:
+            names = ", ".join(type(h).__name__ for h in owners)
+            raise ValueError(f"only one defense may override TrainingHooks.{method}; got {names}")
+        return owners[0] if owners else TrainingHooks()
+
+    def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
+        for hook in self.hooks:
+            images, captions = hook.training_data(images, captions, seed=seed)
+        return images, captions
+
+    def setup(self, state: TrainingState) -> None:
+        for hook in self.hooks:
+            hook.setup(state)
+
+    def batches(self, state: TrainingState) -> Iterator[torch.Tensor]:
+        return self._sampler.batches(state)
+
+    def transform(self, images: torch.Tensor, state: TrainingState) -> torch.Tensor:
+        for hook in self.hooks:
+            images = hook.transform(images, state)
+        return images
+
+    def optimizer_step(self, state: TrainingState) -> bool:
+        return self._stepper.optimizer_step(state)
+
+    def empty_batch_step(self, state: TrainingState) -> bool:
+        return self._empty.empty_batch_step(state)
+
+    def end_epoch(self, state: TrainingState) -> bool:
+        stops = [hook.end_epoch(state) for hook in self.hooks]
+        return any(stops)
+
+    def finish(self, state: TrainingState) -> None:
+        for hook in reversed(self.hooks):
+            hook.finish(state)
+
+    def details(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for hook in self.hooks:
+            out.update(hook.details())
+        return out
 
 
 def diffusion_loss(
@@ -90,22 +216,64 @@ def train(
     config: TrainConfig,
     *,
     on_step: StepCallback | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> TrainReport:
-    """Train `model` in place on (images in [-1,1], captions) for `config.epochs` epochs."""
+    """Train `model` in place on (images in [-1,1], captions) for up to `config.epochs` epochs.
+
+    Args:
+        model: trained in place; after `hooks.finish` its UNet is a plain diffusers UNet again.
+        images: NCHW in [-1, 1].
+        captions: one per image.
+        config: the recipe.
+        on_step: called after each optimizer step with (step, expected total, loss).
+        hooks: a defense's changes to the recipe (default: none).
+    """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if len(images) == 0:
         raise ValueError("cannot train on an empty set")
+    hooks = hooks if hooks is not None else TrainingHooks()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    images, captions = hooks.training_data(images, captions, seed=config.seed)
     model.unet.train()
     model.text_encoder.train(config.train_text_encoder)
     model.text_encoder.requires_grad_(config.train_text_encoder)
     params = [p for p in model.unet.parameters() if p.requires_grad]
     if config.train_text_encoder:
         params += list(model.text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    latents_all = model.images_to_latents(images)
+    state = TrainingState(
+        model=model,
+        parameters=params,
+        optimizer=torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay),
+        images=images,
+        captions=captions,
+        config=config,
+        generator=generator,
+    )
+    try:
+        hooks.setup(state)
+        report = _loop(state, hooks, on_step)
+    except BaseException:
+        # Unwrap even on failure (the caller's model must not stay wrapped), but
+        # report the original error, not a follow-on one from a half-set-up hook.
+        with contextlib.suppress(Exception):
+            hooks.finish(state)
+        raise
+    else:
+        hooks.finish(state)
+    finally:
+        model.unet.eval()
+        model.text_encoder.eval()
+        model.text_encoder.requires_grad_(False)
+    report.notes.update(state.notes)
+    return report
+
+
+def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | None) -> TrainReport:
+    model, config, generator, optimizer = state.model, state.config, state.generator, state.optimizer
+    images, captions = state.images, state.captions
+    latents_all = None if hooks.transforms_images else model.images_to_latents(images)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -115,42 +283,61 @@ def train(
     frozen_context = None if config.train_text_encoder else model.encode_text(captions)
     empty_context = None if config.train_text_encoder else model.encode_text([""])
     history: list[float] = []
-    step = 0
+    epochs_completed = 0
     loss_value = float("nan")
-    for _epoch in range(config.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            drop = torch.zeros(len(idx), dtype=torch.bool)
-            if config.caption_dropout > 0:
-                drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
-            if frozen_context is not None and empty_context is not None:
-                context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
+    # Per-example losses of the physical batches that make up one logical step
+    # (several under a memory manager); one batch per step in the plain recipe.
+    pending: list[torch.Tensor] = []
+    for epoch in range(config.epochs):
+        state.epoch = epoch
+        for idx in hooks.batches(state):
+            if len(idx) == 0:
+                stepped = hooks.empty_batch_step(state)
             else:
-                batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-                tokens = model.tokenizer(
-                    batch_captions,
-                    padding="max_length",
-                    max_length=model.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                )
-                context = model.text_encoder(tokens.input_ids)[0]
-            loss = diffusion_loss(model, latents_all[idx], context, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
+                drop = torch.zeros(len(idx), dtype=torch.bool)
+                if config.caption_dropout > 0:
+                    drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
+                if frozen_context is not None and empty_context is not None:
+                    context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
+                else:
+                    batch_captions = [
+                        "" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
+                    ]
+                    tokens = model.tokenizer(
+                        batch_captions,
+                        padding="max_length",
+                        max_length=model.tokenizer.model_max_length,
+                        truncation=True,
+                        return_tensors="pt",
+                    )
+                    context = model.text_encoder(tokens.input_ids)[0]
+                if latents_all is not None:
+                    latents = latents_all[idx]
+                else:
+                    latents = model.images_to_latents(hooks.transform(images[idx], state))
+                losses = diffusion_loss(model, latents, context, generator, reduction="none")
+                loss = losses.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                pending.append(losses.detach())
+                stepped = hooks.optimizer_step(state)
+            if not stepped:
+                continue
             scheduler.step()
-            loss_value = float(loss.detach())
-            history.append(loss_value)
-            step += 1
+            if pending:
+                loss_value = float(pending[0].mean() if len(pending) == 1 else torch.cat(pending).mean())
+                history.append(loss_value)
+            pending = []
+            state.step += 1
             if on_step is not None:
-                on_step(step, total, loss_value)
-    model.unet.eval()
-    model.text_encoder.eval()
-    model.text_encoder.requires_grad_(False)
+                on_step(state.step, total, loss_value)
+        epochs_completed = epoch + 1
+        if hooks.end_epoch(state):
+            break
     return TrainReport(
-        steps=step, epochs_completed=config.epochs, final_loss=loss_value, loss_history=history, notes={}
+        steps=state.step,
+        epochs_completed=epochs_completed,
+        final_loss=loss_value,
+        loss_history=history,
+        notes={},
     )
