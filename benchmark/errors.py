@@ -11,3 +11,11 @@ class ModelError(BenchmarkError):
 
 class ConfigError(BenchmarkError, ValueError):
     """A run configuration that fails validation."""
+
+
+class PluginError(BenchmarkError):
+    """A plugin the user asked for could not be loaded."""
+
+
+class DefenseError(BenchmarkError):
+    """A defense that cannot be built or that failed while fine-tuning."""

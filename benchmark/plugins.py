@@ -1,18 +1,133 @@
-"""Which distribution supplied each component (recorded with every result)."""
+"""Third-party components through entry points, and which distribution supplied each component.
+
+A plugin is an installed distribution whose own `pyproject.toml` declares an entry
+point in a registry's group, e.g. for a defense::
+
+    [project.entry-points."benchmark.defenses"]
+    weight_decay = "mia_weight_decay"
+
+The entry point's name is the component's registry name and its value is the
+module (or an object in it) whose import registers the component with the usual
+decorator (`@register_defense("weight_decay")`). Plugins are imported lazily, on
+the registry's first lookup or listing, and each import is guarded: a broken
+plugin nobody asked for is a warning naming its distribution, a requested one is
+an error (`PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
+for reproducible runs that must not depend on what else is installed.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+from benchmark.errors import PluginError
 from benchmark.registry import Registry
 
 BUILTIN_PACKAGES = ("benchmark", "defenses", "attacks", "leaderboard", "builtin")
 DISTRIBUTION = "diffusion-mia-bench"
+DISABLE_ENV = "BENCHMARK_DISABLE_PLUGINS"
+
+log = logging.getLogger(__name__)
+
+# Top-level module of each plugin loaded through an entry point -> "dist==version".
+_PLUGIN_DISTRIBUTIONS: dict[str, str] = {}
 
 
-def component_origin(registry: Registry[object], name: str) -> str:
-    """`distribution==version` for the package that registered `name`."""
-    origin = registry.origin(name)
-    if origin.split(".")[0] in BUILTIN_PACKAGES:
+class PluginWarning(UserWarning):
+    """An installed plugin nobody asked for could not be loaded and was skipped."""
+
+
+def plugins_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _distribution_label(dist: Any) -> str:
+    if dist is None:
+        return "an unknown distribution"
+    return f"{dist.metadata['Name']}=={dist.version}"
+
+
+def load_entry_points(registry: Registry[Any], group: str, *, requested: str | None = None) -> dict[str, str]:
+    """Import every plugin of `group`; return {entry point name: failure message} for those that failed.
+
+    Args:
+        registry: the registry the plugins register into (checked afterwards).
+        group: entry-point group, e.g. "benchmark.defenses".
+        requested: a name the caller is looking up; its failure raises instead of warning.
+
+    Raises:
+        PluginError: the plugin that provides `requested` failed to load.
+    """
+    if plugins_disabled():
+        log.info("plugin autoloading disabled by %s", DISABLE_ENV)
+        return {}
+    failures: dict[str, str] = {}
+    for ep in metadata.entry_points(group=group):
+        label = _distribution_label(getattr(ep, "dist", None))
+        _PLUGIN_DISTRIBUTIONS.setdefault(ep.module.split(".")[0], label)
+        try:
+            ep.load()
+            if ep.name not in registry._entries:
+                raise LookupError(f"importing {ep.value!r} registered no {registry.kind} named {ep.name!r}")
+        except Exception as exc:  # any failure in third-party code is contained here
+            message = (
+                f"{registry.kind} plugin {ep.name!r} from distribution {label} "
+                f"(entry point {group}: {ep.value}) failed to load: {type(exc).__name__}: {exc}"
+            )
+            failures[ep.name] = message
+            if ep.name != requested:
+                warnings.warn(
+                    f"{message}; skipped. Fix or uninstall {label}, or set {DISABLE_ENV}=1.",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+    if requested is not None and requested in failures:
+        raise PluginError(failures[requested])
+    return failures
+
+
+@lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    return dict(metadata.packages_distributions())
+
+
+def _module_origin(module: str) -> str:
+    top = module.split(".")[0]
+    if top in BUILTIN_PACKAGES:
         from benchmark import __version__
 
         return f"{DISTRIBUTION}=={__version__}"
-    return origin
+    if top in _PLUGIN_DISTRIBUTIONS:
+        return _PLUGIN_DISTRIBUTIONS[top]
+    for dist in _packages_distributions().get(top, []):
+        try:
+            return f"{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return module  # registered from a script or a test: the module is all we know
+
+
+def component_origin(registry: Registry[Any], name: str) -> str:
+    """`distribution==version` for the package that registered `name`.
+
+    Preset names (`dpsgd.eps8`) resolve to their component (`dpsgd`), and composed
+    names (`dpsgd+lora`) list each distinct origin once, joined by " + ".
+    """
+    origins: list[str] = []
+    for part in name.split("+"):
+        origin = _module_origin(registry.origin(_component_name(registry, part.strip())))
+        if origin not in origins:
+            origins.append(origin)
+    return " + ".join(origins)
+
+
+def _component_name(registry: Registry[Any], name: str) -> str:
+    """`name` itself if registered, else the component of a `name.tag` preset."""
+    candidate = name
+    while candidate not in registry and "." in candidate:
+        candidate = candidate.rsplit(".", 1)[0]
+    return candidate if candidate in registry else name

@@ -23,10 +23,31 @@ class Registry(Generic[T]):
     benchmark ends up measuring the wrong defense).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, entry_point_group: str | None = None) -> None:
+        """
+        Args:
+            kind: what the registry holds, for messages ("defense").
+            entry_point_group: if set, third-party packages that declare entry points in
+                this group are imported on the first lookup or listing (see
+                `benchmark.plugins.load_entry_points`).
+        """
         self.kind = kind
+        self.entry_point_group = entry_point_group
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}
+        self._plugins_loaded = entry_point_group is None
+        # Entry-point name -> why its plugin could not be loaded.
+        self._plugin_failures: dict[str, str] = {}
+
+    def _load_plugins(self, requested: str | None = None) -> None:
+        if self._plugins_loaded:
+            return
+        # Set first: a plugin module that looks something up must not recurse.
+        self._plugins_loaded = True
+        from benchmark.plugins import load_entry_points
+
+        assert self.entry_point_group is not None
+        self._plugin_failures = load_entry_points(self, self.entry_point_group, requested=requested)
 
     def register(self, name: str, *, origin: str = "builtin") -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -46,30 +67,56 @@ class Registry(Generic[T]):
         self._origins[name] = origin
 
     def get(self, name: str) -> T:
+        """The component called `name`.
+
+        Raises:
+            RegistryError: unknown name (with the closest match and what exists).
+            PluginError: `name` belongs to an installed plugin that failed to load.
+        """
+        self._load_plugins(requested=name)
         try:
             return self._entries[name]
         except KeyError:
+            if name in self._plugin_failures:
+                from benchmark.errors import PluginError
+
+                raise PluginError(self._plugin_failures[name]) from None
             raise RegistryError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
+        self._load_plugins()
         available = ", ".join(sorted(self._entries)) or "(none)"
         close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} available: {available}"
+        message = f"unknown {self.kind} {name!r}{hint} available: {available}"
+        if self.entry_point_group is not None:
+            from benchmark.plugins import plugins_disabled
+
+            if plugins_disabled():
+                message += f" (plugins of group {self.entry_point_group!r} are disabled by BENCHMARK_DISABLE_PLUGINS)"
+        return message
 
     def origin(self, name: str) -> str:
         self.get(name)
         return self._origins[name]
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:
         for name in self.names():
             yield name, self._entries[name]
 
+    def plugin_failures(self) -> dict[str, str]:
+        """Entry points of this registry's group that failed to load, with the reason."""
+        self._load_plugins()
+        return dict(self._plugin_failures)
+
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._entries
 
     def __len__(self) -> int:
+        self._load_plugins()
         return len(self._entries)
