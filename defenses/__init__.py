@@ -1,6 +1,25 @@
-"""Defenses: how a model owner fine-tunes to resist membership inference."""
+"""Defenses: how a model owner fine-tunes to resist membership inference.
 
-from defenses import none  # noqa: F401  (registers the built-in defenses)
-from defenses.base import DEFENSES, Defense, FineTuneResult, register_defense
+Built-ins: none, dpsgd, lora, augment, early_stop (and compositions such as
+dpsgd+lora). Third-party defenses arrive through the `benchmark.defenses`
+entry-point group (see `benchmark.plugins`). Build one with `resolve`:
 
-__all__ = ["DEFENSES", "Defense", "FineTuneResult", "register_defense"]
+    resolve("dpsgd.eps8", {"clipping_norm": "0.5"})
+"""
+
+from defenses import augment, dpsgd, early_stop, lora, none  # noqa: F401  (registers the built-in defenses)
+from defenses.base import DEFENSES, ComposedDefense, Defense, DefenseConfig, FineTuneResult, register_defense
+from defenses.resolve import DefensePreset, presets, resolve, valid_combinations
+
+__all__ = [
+    "DEFENSES",
+    "ComposedDefense",
+    "Defense",
+    "DefenseConfig",
+    "DefensePreset",
+    "FineTuneResult",
+    "presets",
+    "register_defense",
+    "resolve",
+    "valid_combinations",
+]

@@ -1,23 +1,33 @@
-"""The defense interface and its registry."""
+"""The defense interface, its registry and its presets.
+
+A defense is a class with a frozen, typed `Config` dataclass, registered with
+`@register_defense("name", presets={...})`. Most defenses change training only
+through `TrainingHooks` (see `benchmark.finetune`): they override
+`training_hooks()`, inherit `fine_tune()`, and can then be composed with other
+defenses (`dpsgd+lora`). A defense that overrides `fine_tune()` itself works on
+its own but cannot be composed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from benchmark.finetune import StepCallback, TrainConfig, TrainReport
+from benchmark.errors import ConfigError
+from benchmark.finetune import StepCallback, TrainConfig, TrainingHooks, TrainReport, train
 from benchmark.models.diffusion import DiffusionModel
 from benchmark.registry import Registry
+
+ENTRY_POINT_GROUP = "benchmark.defenses"
 
 
 @dataclass(frozen=True)
 class DefenseConfig:
-    """Base for each defense's frozen, typed knobs."""
+    """Base for each defense's frozen, typed knobs; subclasses validate in `__post_init__`."""
 
 
 @dataclass
@@ -25,23 +35,40 @@ class FineTuneResult:
     """What a defended fine-tuning run reports (same shape for every defense)."""
 
     report: TrainReport
-    # Guarantees or settings the defense wants on the record (e.g. epsilon spent).
+    # Defense name -> what it wants on the record (e.g. epsilon spent); {} when nothing.
     details: dict[str, object] = field(default_factory=dict)
 
 
-class Defense(ABC):
-    """Fine-tunes a model under one defense. Subclasses set `name`, `version`, `Config`."""
+class Defense:
+    """Fine-tunes a model under one defense. Subclasses set `Config` and override `training_hooks`.
+
+    Class attributes:
+        name, version: set by `register_defense`.
+        Config: the frozen dataclass of knobs.
+        presets: tag -> field values, declared with `register_defense(..., presets=...)`.
+        stage: order of `setup` when composed (lower first; `finish` runs in reverse).
+            Wrappers that must see the final parameters (DP-SGD) come last.
+        claims: parts of the loop the defense takes over; two defenses that claim
+            the same part cannot be composed.
+    """
 
     name: ClassVar[str] = "?"
     version: ClassVar[str] = "0"
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    stage: ClassVar[int] = 50
+    claims: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: DefenseConfig | None = None) -> None:
+    def __init__(self, config: DefenseConfig | None = None, *, preset: str | None = None) -> None:
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{self.name} expects {self.Config.__name__}, got {type(self.config).__name__}")
+        self.preset = preset
 
-    @abstractmethod
+    def training_hooks(self) -> TrainingHooks:
+        """Fresh hooks for one fine-tuning run (the default: the plain recipe)."""
+        return TrainingHooks()
+
     def fine_tune(
         self,
         *,
@@ -52,18 +79,107 @@ class Defense(ABC):
         on_step: StepCallback | None = None,
     ) -> FineTuneResult:
         """Fine-tune `model` in place on the owner's private (images, captions)."""
+        hooks = self.training_hooks()
+        report = train(model, images, captions, train_config, on_step=on_step, hooks=hooks)
+        details = hooks.details()
+        return FineTuneResult(report=report, details={self.name: details} if details else {})
+
+    @classmethod
+    def composable(cls) -> bool:
+        """Whether the defense works through hooks only, and so composes with others."""
+        return cls.fine_tune is Defense.fine_tune
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "version": self.version, "config": dataclasses.asdict(self.config)}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "preset": self.preset,
+            "config": dataclasses.asdict(self.config),
+        }
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+class ComposedDefense(Defense):
+    """Several hooks-based defenses in one fine-tuning run (e.g. `dpsgd+lora`, DP-LoRA)."""
+
+    def __init__(self, parts: list[Defense]) -> None:
+        if len(parts) < 2:
+            raise ValueError("a composed defense needs at least two parts")
+        # Setup order: by stage (data and parameter changes before the DP wrapper).
+        self.parts = sorted(parts, key=lambda d: (d.stage, d.name))
+        self.config = DefenseConfig()
+        self.preset = None
+        self.name = "+".join(sorted(d.name for d in parts))  # type: ignore[misc]
+        self.version = "+".join(d.version for d in sorted(parts, key=lambda d: d.name))  # type: ignore[misc]
+
+    def fine_tune(
+        self,
+        *,
+        model: DiffusionModel,
+        images: torch.Tensor,
+        captions: list[str],
+        train_config: TrainConfig,
+        on_step: StepCallback | None = None,
+    ) -> FineTuneResult:
+        from benchmark.finetune import ComposedHooks
+
+        hooks = [part.training_hooks() for part in self.parts]
+        report = train(model, images, captions, train_config, on_step=on_step, hooks=ComposedHooks(hooks))
+        details = {part.name: h.details() for part, h in zip(self.parts, hooks, strict=True)}
+        return FineTuneResult(report=report, details={k: v for k, v in details.items() if v})
+
+    def describe(self) -> dict[str, object]:
+        from benchmark.plugins import component_origin
+
+        components = []
+        for part in sorted(self.parts, key=lambda d: d.name):
+            components.append({**part.describe(), "origin": component_origin(DEFENSES, part.name)})
+        return {
+            "name": self.name,
+            "version": self.version,
+            "preset": None,
+            "config": {c["name"]: c["config"] for c in components},
+            "components": components,
+        }
 
 
-def register_defense(name: str, *, version: str = "1") -> Callable[[type[Defense]], type[Defense]]:
+DEFENSES: Registry[type[Defense]] = Registry("defense", entry_point_group=ENTRY_POINT_GROUP)
+
+
+def register_defense(
+    name: str, *, version: str = "1", presets: Mapping[str, Mapping[str, Any]] | None = None
+) -> Callable[[type[Defense]], type[Defense]]:
+    """Register a defense class under `name`, with optional presets `name.tag`.
+
+    Args:
+        name: registry name (letters, digits, '_', '-').
+        version: bump when the defense's behaviour changes (it keys the model cache).
+        presets: tag -> field values, e.g. {"eps8": {"target_epsilon": 8.0}}; each is
+            checked by building the config now, so a bad preset fails at import.
+
+    Raises:
+        RegistryError: the name is taken.
+        ConfigError: a preset has unknown fields or invalid values.
+    """
+    if "+" in name or "." in name:
+        raise ValueError(f"invalid defense name {name!r}: '+' composes defenses and '.' starts a preset tag")
+
     def decorator(cls: type[Defense]) -> type[Defense]:
+        checked: dict[str, dict[str, Any]] = {}
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        for tag, values in (presets or {}).items():
+            if not tag or not tag.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"invalid preset tag {tag!r} for defense {name!r}")
+            unknown = sorted(set(values) - fields)
+            if unknown:
+                raise ConfigError(
+                    f"preset {name}.{tag} sets unknown field(s) {', '.join(unknown)}; "
+                    f"valid: {', '.join(sorted(fields))}"
+                )
+            cls.Config(**values)  # validates
+            checked[tag] = dict(values)
         cls.name = name
         cls.version = version
+        cls.presets = checked
         DEFENSES.add(name, cls, origin=cls.__module__)
         return cls
 

@@ -1,0 +1,158 @@
+"""Early stopping on the owner's own validation loss (never on attack results).
+
+A fraction of the owner's member data is held out and never trained on; after
+each epoch the diffusion loss on it is measured with a fixed noise seed (the same
+noise and timesteps every epoch, so the curve reflects the weights, not the
+draw). Training stops once the loss has not improved for `patience` epochs, and
+the best weights are restored.
+
+The held-out members stay members in the benchmark's split (the owner did hold
+them), but the model never trained on them; their positions in the member list
+are recorded so an analysis can separate them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.errors import ConfigError
+from benchmark.finetune import TrainingHooks, TrainingState, diffusion_loss
+from defenses.base import Defense, DefenseConfig, register_defense
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig(DefenseConfig):
+    """Hold-out size, patience, and how the validation loss is measured."""
+
+    validation_fraction: float = 0.2
+    patience: int = 3
+    # An epoch counts as an improvement only if it beats the best by more than this.
+    min_delta: float = 0.0
+    # Noise draws (random timesteps) per validation example: more = a smoother curve.
+    validation_draws: int = 4
+    noise_seed: int = 0
+    restore_best: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0 < self.validation_fraction < 1):
+            raise ConfigError(
+                f"early_stop validation_fraction must be in (0, 1), got {self.validation_fraction} (e.g. 0.2)"
+            )
+        if self.patience < 1:
+            raise ConfigError(f"early_stop patience must be >= 1 epoch, got {self.patience}")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ConfigError(f"early_stop min_delta must be >= 0, got {self.min_delta}")
+        if self.validation_draws < 1:
+            raise ConfigError(f"early_stop validation_draws must be >= 1, got {self.validation_draws}")
+
+
+class EarlyStopHooks(TrainingHooks):
+    def __init__(self, config: EarlyStopConfig) -> None:
+        self.config = config
+        self.history: list[float] = []
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.stopped_early = False
+        self.restored = False
+        self._best: list[torch.Tensor] | None = None
+        self._parameters: list[torch.nn.Parameter] = []
+        self._held_out: list[int] = []
+        self._n_train = 0
+
+    def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
+        n = len(images)
+        n_val = max(1, round(self.config.validation_fraction * n))
+        if n - n_val < 1:
+            raise ConfigError(
+                f"early_stop holds out {n_val} of {n} members for validation, leaving none to train on; "
+                "use more members or a smaller validation_fraction"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 15_485_863))
+        held_out = sorted(order[:n_val].tolist())
+        kept = sorted(order[n_val:].tolist())
+        self._held_out, self._n_train = held_out, len(kept)
+        self._val_images = images[held_out]
+        self._val_captions = [captions[i] for i in held_out]
+        return images[kept], [captions[i] for i in kept]
+
+    def validation_loss(self, state: TrainingState) -> float:
+        """Mean diffusion loss on the held-out part, with the same noise and timesteps every call."""
+        model, draws = state.model, self.config.validation_draws
+        generator = torch.Generator().manual_seed(self.config.noise_seed)
+        unet_was_training, text_was_training = model.unet.training, model.text_encoder.training
+        model.unet.eval()
+        model.text_encoder.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                latents = model.images_to_latents(self._val_images).repeat(draws, 1, 1, 1)
+                context = model.encode_text(self._val_captions).repeat(draws, 1, 1)
+                step = max(1, state.config.batch_size)
+                for start in range(0, len(latents), step):
+                    chunk = slice(start, start + step)
+                    losses = diffusion_loss(model, latents[chunk], context[chunk], generator, reduction="none")
+                    total += float(losses.sum())
+                    count += len(losses)
+        finally:
+            model.unet.train(unet_was_training)
+            model.text_encoder.train(text_was_training)
+        return total / count
+
+    def setup(self, state: TrainingState) -> None:
+        self._parameters = state.parameters
+
+    def end_epoch(self, state: TrainingState) -> bool:
+        loss = self.validation_loss(state)
+        self.history.append(loss)
+        if loss < self.best_loss - self.config.min_delta:
+            self.best_loss, self.best_epoch = loss, state.epoch + 1
+            if self.config.restore_best:
+                self._best = [p.detach().clone() for p in state.parameters]
+            return False
+        if len(self.history) - self.best_epoch >= self.config.patience:
+            self.stopped_early = True
+            return True
+        return False
+
+    def finish(self, state: TrainingState) -> None:
+        if self._best is not None and self.best_epoch != len(self.history):
+            with torch.no_grad():
+                for p, best in zip(self._parameters, self._best, strict=True):
+                    p.copy_(best)
+            self.restored = True
+        self._best = None
+
+    def details(self) -> dict[str, object]:
+        return {
+            "validation_fraction": self.config.validation_fraction,
+            "validation_examples": len(self._held_out),
+            "train_examples": self._n_train,
+            "held_out_member_positions": list(self._held_out),
+            "patience": self.config.patience,
+            "min_delta": self.config.min_delta,
+            "validation_draws": self.config.validation_draws,
+            "noise_seed": self.config.noise_seed,
+            "validation_loss": list(self.history),
+            "best_epoch": self.best_epoch,
+            "best_validation_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+            "epochs_run": len(self.history),
+            "stopped_early": self.stopped_early,
+            "restored_best": self.restored,
+        }
+
+
+@register_defense("early_stop", presets={"p1": {"patience": 1}, "p3": {"patience": 3}, "p10": {"patience": 10}})
+class EarlyStop(Defense):
+    """Stop on a held-out validation loss of the owner's data (patience), restore the best weights."""
+
+    Config = EarlyStopConfig
+    config: EarlyStopConfig
+    # After lora (its finish restores adapter weights before they are merged), before dpsgd.
+    stage = 60
+    claims = frozenset({"training data", "stopping"})
+
+    def training_hooks(self) -> TrainingHooks:
+        return EarlyStopHooks(self.config)
