@@ -22,6 +22,8 @@ from benchmark.target import SamplingConfig
 RUN_EXAMPLES = """examples:
   python -m benchmark run --defense none
   python -m benchmark run --defense none --preset full --seed 1
+  python -m benchmark run --defense dpsgd.eps8
+  python -m benchmark run --defense dpsgd+lora.r4 --defense-arg target_epsilon=4
   python -m benchmark run --model sd15 --model-path ~/models/sd-v1-5 --resolution 512 \\
       --dataset folder --dataset-path ~/data/celeba-dialog
 """
@@ -35,7 +37,14 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="default", help="default | full (1,000 non-members) | micro (smoke test)")
-    p.add_argument("--defense", help="defense registry name (see `list`)")
+    p.add_argument("--defense", help="defense, preset or composition, e.g. none, dpsgd.eps8, dpsgd+lora (see `list`)")
+    p.add_argument(
+        "--defense-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a defense setting (repeatable), e.g. target_epsilon=4 or lora.rank=8",
+    )
     p.add_argument("--dataset", help="dataset registry name: scenes (embedded) or folder")
     p.add_argument("--dataset-path", type=Path, help="folder with metadata.jsonl for --dataset folder")
     p.add_argument("--dataset-size", type=int, help="use only the first N images of the pool")
@@ -89,6 +98,8 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             raise ConfigError(str(exc)) from None
     if args.no_control:
         changes["control"] = False
+    if args.defense_arg:
+        changes["defense_args"] = tuple(_key_value(item) for item in args.defense_arg)
     ft: dict[str, object] = {}
     if args.epochs is not None:
         ft["epochs"] = args.epochs
@@ -101,6 +112,13 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if "members" in changes and args.preset != "micro":
         changes.setdefault("shadow_members", changes["members"])
     return config.replace(**changes)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--defense-arg {item!r} is not KEY=VALUE (e.g. --defense-arg target_epsilon=4)")
+    return key.strip(), value
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -133,7 +151,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from benchmark.config import PRESETS
     from benchmark.data import DATASETS
     from benchmark.models.registry import MODELS
-    from defenses import DEFENSES
+    from benchmark.plugins import component_origin
+    from defenses import DEFENSES, presets
 
     kinds = {
         "datasets": DATASETS,
@@ -147,6 +166,15 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]{title}[/]")
         for name, entry in registry.items():
             console.print(f"  {name:<12} {_summary(entry)}")
+    console.print("[bold]defense presets[/] (name.tag; compose with '+', e.g. dpsgd.eps8+lora.r4)")
+    for name, entry in presets().items():
+        console.print(f"  {name:<16} {escape(entry.summary())}")
+    plugins = [(n, component_origin(DEFENSES, n)) for n in DEFENSES.names()]
+    plugins = [(n, origin) for n, origin in plugins if not origin.startswith("diffusion-mia-bench==")]
+    if plugins:
+        console.print("[bold]defense plugins[/]")
+        for name, origin in plugins:
+            console.print(f"  {name:<16} from {escape(origin)}")
     console.print("[bold]scenarios[/]")
     for scenario in Scenario:
         console.print(

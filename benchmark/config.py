@@ -31,7 +31,13 @@ class RunConfig:
     resolution: int = 16
     model: str = field(default="tiny", metadata={"help": "tiny (embedded) or sd15 (local folder)"})
     model_path: Path | None = None
-    defense: str = "none"
+    defense: str = field(
+        default="none",
+        metadata={"help": "defense, preset or composition: none, dpsgd, dpsgd.eps8, dpsgd+lora.r4 (see `list`)"},
+    )
+    defense_args: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"help": "defense overrides as (key, value) pairs, converted through its config types"}
+    )
     scenario: Scenario = Scenario.III
     attack_model: str = "threshold"
     encoder: str = "pixels"
@@ -71,10 +77,10 @@ class RunConfig:
                 registry.get(value)
             except RegistryError as exc:
                 raise ConfigError(str(exc)) from None
-        from defenses import DEFENSES
+        from defenses import resolve
 
         try:
-            DEFENSES.get(self.defense)
+            resolve(self.defense, self.defense_args)
         except RegistryError as exc:
             raise ConfigError(str(exc)) from None
         positive = {

@@ -33,7 +33,7 @@ from benchmark.plugins import component_origin
 from benchmark.progress import StageTimer
 from benchmark.results import Metric, ResultRecord, new_run_id, provenance, write_record
 from benchmark.target import BlackBoxTarget
-from defenses import DEFENSES, Defense
+from defenses import DEFENSES, Defense, resolve
 
 
 @dataclass
@@ -86,7 +86,7 @@ def run(config: RunConfig, *, console: Console | None = None, show_progress: boo
                 target_member_overlap=config.scenario.auxiliary_member_overlap,
                 seed=config.seed,
             )
-        defense = DEFENSES.get(config.defense)()
+        defense = resolve(config.defense, config.defense_args)
 
         pretrain_steps = config.pretrain.epochs * -(-len(splits.public) // config.pretrain.batch_size)
         with timer.stage("base model", total=pretrain_steps if config.model == "tiny" else None) as advance:

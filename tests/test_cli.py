@@ -38,7 +38,7 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--defense", "nonee"], ["unknown defense 'nonee'", "did you mean 'none'", "available: none"]),
+        (["--defense", "nonee"], ["unknown defense 'nonee'", "did you mean 'none'", "available: ", "none; presets:"]),
         (["--dataset", "scene"], ["unknown dataset 'scene'", "did you mean 'scenes'", "folder, scenes"]),
         (["--model", "tinyy"], ["unknown model 'tinyy'", "did you mean 'tiny'", "sd15, tiny"]),
         (["--attack-model", "treshold"], ["did you mean 'threshold'"]),
