@@ -144,3 +144,147 @@ def test_attack_config_validates_names() -> None:
         AttackConfig(distance="cosin")
     with pytest.raises(ValueError, match="generations"):
         AttackConfig(generations_per_query=0)
+
+
+# --- distribution and classifier: known answers ------------------------------------------
+
+from attacks.attack_models import ClassifierAttack, DistributionAttack  # noqa: E402
+
+
+def _gaussian_scores(n: int, seed: int, shift: float = 1.0, m: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    return rng.normal(size=(2 * n, m)) + shift * labels[:, None], labels
+
+
+def test_distribution_recovers_known_gaussians_and_llr() -> None:
+    # Members ~ N(1, 1), non-members ~ N(0, 1) on the mean of 3 unit-variance scores:
+    # the mean has variance 1/3 in both classes, so LLR(x) = 3 * (x - 0.5).
+    scores, labels = _gaussian_scores(20_000, 0)
+    attack = DistributionAttack().fit(scores, labels)
+    mean_m, var_m = attack.params["member"]
+    mean_n, var_n = attack.params["nonmember"]
+    assert mean_m[0] == pytest.approx(1.0, abs=0.02) and mean_n[0] == pytest.approx(0.0, abs=0.02)
+    assert var_m[0] == pytest.approx(1 / 3, rel=0.05) and var_n[0] == pytest.approx(1 / 3, rel=0.05)
+    x = np.array([[0.5] * 3, [1.5] * 3, [-0.5] * 3])
+    np.testing.assert_allclose(attack.membership_score(x), [0.0, 3.0, -3.0], atol=0.15)
+    # Equal variances: the decision boundary is the midpoint of the class means.
+    np.testing.assert_array_equal(attack.predict(np.array([[0.45] * 3, [0.55] * 3])), [False, True])
+
+
+def test_distribution_unequal_variances_gives_quadratic_llr() -> None:
+    rng = np.random.default_rng(1)
+    members = rng.normal(0.0, 0.5, size=(20_000, 1))
+    nonmembers = rng.normal(0.0, 2.0, size=(20_000, 1))
+    scores = np.r_[members, nonmembers]
+    labels = np.r_[np.ones(20_000), np.zeros(20_000)].astype(int)
+    attack = DistributionAttack().fit(scores, labels)
+    # log N(x;0,.25) - log N(x;0,4) = log(4) - x^2 (1/(2*.25) - 1/(2*4))
+    x = np.array([[0.0], [1.0], [2.0]])
+    expected = np.log(4.0) - x[:, 0] ** 2 * (2.0 - 0.125)
+    np.testing.assert_allclose(attack.membership_score(x), expected, atol=0.1)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_distribution_multivariate(covariance: str) -> None:
+    # Signal in the second feature only: "none" keeps it; the mean would dilute it.
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.ones(500), np.zeros(500)].astype(int)
+    scores = np.c_[rng.normal(size=1000), rng.normal(size=1000) + 2.0 * labels]
+    attack = DistributionAttack(reduction="none", covariance=covariance).fit(scores, labels)
+    fresh = np.c_[rng.normal(size=1000), rng.normal(size=1000) + 2.0 * labels]
+    accuracy = (attack.predict(fresh) == labels.astype(bool)).mean()
+    assert accuracy > 0.8
+    assert len(attack.describe()["fitted"]["member"]["mean"]) == 2  # type: ignore[index]
+    with pytest.raises(ValueError, match="fitted on 2"):
+        attack.membership_score(np.zeros((3, 3)))
+
+
+def test_distribution_degenerate_class_stays_finite() -> None:
+    # Every shadow member scored exactly alike: the variance floor keeps the LLR finite.
+    scores = np.r_[np.full((10, 2), 0.9), np.random.default_rng(0).uniform(0, 0.5, size=(10, 2))]
+    labels = np.r_[np.ones(10), np.zeros(10)].astype(int)
+    attack = DistributionAttack().fit(scores, labels)
+    assert np.isfinite(attack.membership_score(scores)).all()
+    np.testing.assert_array_equal(attack.predict(scores), labels.astype(bool))
+
+
+def test_classifier_learns_a_non_monotone_rule() -> None:
+    # Members sit in the middle band of a 2-feature score vector: no threshold on the
+    # mean can find them, an MLP can.
+    rng = np.random.default_rng(3)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.uniform(-2, 2, size=(n, 2))
+        return x, (np.abs(x[:, 0]) < 0.8).astype(int)
+
+    x, y = draw(800)
+    attack = ClassifierAttack().fit(x, y)
+    fresh, truth = draw(800)
+    assert (attack.predict(fresh) == truth.astype(bool)).mean() > 0.9
+    threshold = ThresholdAttack().fit(x, y)
+    assert (threshold.predict(fresh) == truth.astype(bool)).mean() < 0.75
+
+
+def test_classifier_logit_matches_predict_proba_and_avoids_ties() -> None:
+    scores, labels = _gaussian_scores(200, 4, shift=4.0)
+    attack = ClassifierAttack().fit(scores, labels)
+    assert attack.mlp is not None and attack.scaler is not None
+    proba = attack.mlp.predict_proba(attack.scaler.transform(scores))[:, 1]
+    logit = attack.logit(scores)
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), proba, atol=1e-9)
+    # Saturated probabilities tie; logits keep the ordering low-FPR metrics need.
+    assert len(np.unique(logit)) == len(logit)
+
+
+def test_classifier_early_stopping_uses_only_shadow_data() -> None:
+    scores, labels = _gaussian_scores(100, 5)
+    attack = ClassifierAttack().fit(scores, labels)
+    described = attack.describe()
+    assert described["early_stopping"] is True
+    assert "shadow" in str(described["validation"])
+    assert attack.mlp is not None and attack.mlp.validation_scores_ is not None
+    # Too few shadow queries for a held-out split: trained without early stopping.
+    small = ClassifierAttack().fit(*_gaussian_scores(4, 6))
+    assert small.describe()["early_stopping"] is False
+
+
+# --- the contract every registered attack model satisfies ---------------------------------
+
+
+@pytest.mark.parametrize("name", ATTACK_MODELS.names())
+@pytest.mark.parametrize("m", [1, 3])
+def test_attack_model_contract(name: str, m: int) -> None:
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels = _gaussian_scores(60, 7, shift=3.0, m=m)
+    original = scores.copy()
+    attack = ATTACK_MODELS.get(name)()
+    with pytest.raises(RuntimeError, match="fit"):
+        attack.predict(scores)
+    assert attack.fit(scores, labels) is attack
+    np.testing.assert_array_equal(scores, original)  # fit never mutates its input
+    fresh, truth = _gaussian_scores(60, 8, shift=3.0, m=m)
+    membership = attack.membership_score(fresh)
+    predictions = attack.predict(fresh)
+    assert membership.shape == (120,) and np.isfinite(membership).all()
+    assert predictions.shape == (120,) and predictions.dtype == bool
+    assert roc_auc_score(truth, membership) > 0.9, "higher membership score must mean member"
+    # Bayes accuracy is Phi(1.5) = 0.93 for m = 1.
+    assert (predictions == truth.astype(bool)).mean() > 0.85
+    # Deterministic: the same shadow gives the same fitted model.
+    again = ATTACK_MODELS.get(name)().fit(scores, labels)
+    np.testing.assert_array_equal(again.membership_score(fresh), membership)
+    described = attack.describe()
+    assert described["name"] == name
+    json.dumps(described, allow_nan=False)
+    with pytest.raises(ValueError, match="both members and non-members"):
+        ATTACK_MODELS.get(name)().fit(scores, np.ones(len(scores)))
+    with pytest.raises(ValueError, match="finite"):
+        ATTACK_MODELS.get(name)().fit(np.full_like(scores, np.nan), labels)
+
+
+def test_expected_attack_models_registered() -> None:
+    assert set(ATTACK_MODELS.names()) >= {"threshold", "distribution", "classifier"}
