@@ -128,7 +128,16 @@ def test_balanced_accuracy_matches_sklearn(seed: int) -> None:
 def test_to_dict_is_json_and_complete() -> None:
     labels, scores = _known_roc()
     data = privacy_metrics(labels, scores, scores > 50).to_dict()
-    assert set(data) == {"auc", "balanced_accuracy", "tpr_at_fpr", "n_members", "n_nonmembers"}
+    assert set(data) == {
+        "auc",
+        "balanced_accuracy",
+        "tpr_at_fpr",
+        "n_members",
+        "n_nonmembers",
+        "auc_ci",
+        "balanced_accuracy_ci",
+        "bootstrap",
+    }
     assert [t["target_fpr"] for t in data["tpr_at_fpr"]] == [0.01, 0.001]
     json.loads(json.dumps(data, allow_nan=False))
 
@@ -141,3 +150,74 @@ def test_tied_scores_keep_every_roc_point() -> None:
     entry = tpr_at_fpr(labels, scores, 0.05)
     assert entry.tpr == pytest.approx(0.05)
     assert entry.realised_fpr == pytest.approx(0.05)
+
+
+# --- bootstrap intervals ------------------------------------------------------------------
+
+from benchmark.metrics import BootstrapSpec, bootstrap_intervals  # noqa: E402
+
+
+def _noisy(n_members: int, n_nonmembers: int, seed: int, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n_members), np.zeros(n_nonmembers)].astype(int)
+    scores = rng.normal(size=len(labels)) + labels
+    return labels, np.round(scores, 1) if ties else scores
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_matches_a_naive_loop_over_the_same_resamples(ties: bool) -> None:
+    """Golden test: the vectorised intervals equal sklearn + tpr_at_fpr run resample by resample."""
+    labels, scores = _noisy(30, 150, 0, ties=ties)
+    predictions = scores > 0.5
+    spec = BootstrapSpec(n_resamples=200, seed=3)
+    fast = bootstrap_intervals(labels, scores, predictions, fprs=(0.01, 0.05), spec=spec)
+    rng = np.random.default_rng(spec.seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    pos_idx = rng.integers(0, len(pos), size=(200, len(pos)))
+    neg_idx = rng.integers(0, len(neg), size=(200, len(neg)))
+    naive: dict[str, list[float]] = {"auc": [], "tpr@0.01": [], "tpr@0.05": [], "balanced_accuracy": []}
+    for b in range(200):
+        idx = np.r_[pos[pos_idx[b]], neg[neg_idx[b]]]
+        y, s = labels[idx], scores[idx]
+        naive["auc"].append(roc_auc_score(y, s))
+        naive["tpr@0.01"].append(tpr_at_fpr(y, s, 0.01).tpr)
+        naive["tpr@0.05"].append(tpr_at_fpr(y, s, 0.05).tpr)
+        naive["balanced_accuracy"].append(balanced_accuracy_score(y, predictions[idx]))
+    for key, values in naive.items():
+        expected = np.quantile(values, [0.025, 0.975])
+        np.testing.assert_allclose(fast[key], expected, atol=1e-12, err_msg=key)
+
+
+def test_privacy_metrics_record_intervals() -> None:
+    labels, scores = _noisy(100, 100, 1)
+    result = privacy_metrics(labels, scores, scores > 0.5)
+    assert result.bootstrap == BootstrapSpec()
+    for value, (low, high) in (
+        (result.auc, result.auc_ci),
+        (result.balanced_accuracy, result.balanced_accuracy_ci),
+        *((t.tpr, t.ci) for t in result.tpr_at_fpr),
+    ):
+        assert 0.0 <= low <= high <= 1.0
+        assert low <= value <= high
+    data = result.to_dict()
+    assert data["auc_ci"] == list(result.auc_ci) and data["bootstrap"]["n_resamples"] == 1000
+    json.loads(json.dumps(data, allow_nan=False))
+    # Seeded: the same call gives the same intervals, another seed other ones.
+    assert privacy_metrics(labels, scores).auc_ci == result.auc_ci
+    assert privacy_metrics(labels, scores, bootstrap=BootstrapSpec(seed=1)).auc_ci != result.auc_ci
+
+
+def test_intervals_shrink_with_more_queries_and_can_be_skipped() -> None:
+    small = privacy_metrics(*_noisy(20, 20, 2))
+    large = privacy_metrics(*_noisy(500, 500, 2))
+    assert (large.auc_ci[1] - large.auc_ci[0]) < (small.auc_ci[1] - small.auc_ci[0]) / 2
+    bare = privacy_metrics(*_noisy(20, 20, 2), bootstrap=None)
+    assert bare.auc_ci is None and bare.bootstrap is None and bare.tpr_at_fpr[0].ci is None
+
+
+def test_roc_plot_is_a_png() -> None:
+    from benchmark.plots import roc_plot_png
+
+    labels, scores = _noisy(50, 50, 3)
+    png = roc_plot_png({"target": (labels, scores), "control": (labels, scores[::-1])}, title="t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
