@@ -1,0 +1,182 @@
+"""Image encoders: the contract every registered encoder satisfies, the trained CNN, local HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.distances import DISTANCES
+from attacks.encoders import (
+    ENCODERS,
+    EncoderRequest,
+    EncoderTraining,
+    build_encoder,
+    check_encoder_request,
+    inspect_vision_folder,
+)
+from attacks.training_data import TrainingData
+from benchmark.errors import BenchmarkError, ConfigError, ModelError
+
+TINY_VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _images(n: int, seed: int = 0, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(size=(n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def public() -> TrainingData:
+    from benchmark.data.scenes import ScenesDataset
+
+    ds = ScenesDataset(resolution=8, size=64)
+    return TrainingData.from_arrays(
+        np.stack([ds.image(i) for i in range(64)]), [ds.caption(i) for i in range(64)], name="scenes-64"
+    )
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vit") / "model"
+    ViTModel(ViTConfig(intermediate_size=32, **TINY_VISION)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4] * 3, "image_std": [0.2] * 3}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def requests(public: TrainingData, vit_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EncoderRequest:
+    """One request every registered encoder can build from (tiny training for `cnn`)."""
+    return EncoderRequest(
+        path=vit_dir,
+        public=public,
+        cache_dir=tmp_path_factory.mktemp("encoder-cache"),
+        training=EncoderTraining(epochs=1),
+    )
+
+
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_encoder_contract(name: str, requests: EncoderRequest) -> None:
+    encoder = build_encoder(name, requests)
+    images = _images(5)
+    emb = encoder.embed(images)
+    assert isinstance(emb, torch.Tensor) and emb.dtype == torch.float32
+    assert emb.ndim == 3 and emb.shape[0] == 5 and emb.shape[1] >= 1 and emb.shape[2] >= 1
+    assert torch.isfinite(emb).all()
+    # Deterministic and independent of batching.
+    torch.testing.assert_close(encoder.embed(images), emb)
+    torch.testing.assert_close(encoder.embed(images[2:3]), emb[2:3], atol=1e-5, rtol=1e-5)
+    # An image is most similar to itself.
+    similarity = DISTANCES.get("cosine")(emb.unsqueeze(1), emb.unsqueeze(0))
+    assert (similarity.diagonal() >= similarity.max(dim=1).values - 1e-5).all()
+    described = encoder.describe()
+    assert described["name"] == name == encoder.name
+    json.dumps(described, allow_nan=False)
+
+
+def test_cnn_encoder_is_trained_cached_and_keyed_by_inputs(public: TrainingData, tmp_path: Path) -> None:
+    request = EncoderRequest(public=public, cache_dir=tmp_path, training=EncoderTraining(epochs=1))
+    first = build_encoder("cnn", request)
+    [entry] = list((tmp_path / "encoder-cnn").iterdir())
+    assert (entry / "model.safetensors").is_file()
+    assert first.describe()["from_cache"] is False
+    again = build_encoder("cnn", request)
+    assert again.describe()["from_cache"] is True
+    images = _images(3)
+    torch.testing.assert_close(again.embed(images), first.embed(images))
+    # Different training data -> a different cache entry.
+    other = TrainingData.from_arrays(public.images[:32], public.captions[:32], name="half")
+    build_encoder("cnn", EncoderRequest(public=other, cache_dir=tmp_path, training=EncoderTraining(epochs=1)))
+    assert len(list((tmp_path / "encoder-cnn").iterdir())) == 2
+    # Patch grid at half resolution.
+    assert first.embed(images).shape[1] == 4 * 4
+
+
+def test_cnn_encoder_needs_public_data() -> None:
+    with pytest.raises(ConfigError, match="public split"):
+        build_encoder("cnn", EncoderRequest())
+
+
+@pytest.mark.parametrize(("kind", "prefix"), [("vit", 1), ("deit", 2), ("beit", 1), ("clip_vision", 1), ("clip", 1)])
+def test_hf_encoder_drops_cls_tokens(kind: str, prefix: int, tmp_path: Path) -> None:
+    import transformers as tf
+
+    folder = tmp_path / kind
+    if kind == "clip":
+        text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+        config = tf.CLIPConfig(vision_config={**TINY_VISION, "intermediate_size": 32}, text_config=text)
+        tf.CLIPModel(config).save_pretrained(folder)
+    else:
+        classes = {
+            "vit": (tf.ViTConfig, tf.ViTModel),
+            "deit": (tf.DeiTConfig, tf.DeiTModel),
+            "beit": (tf.BeitConfig, tf.BeitModel),
+            "clip_vision": (tf.CLIPVisionConfig, tf.CLIPVisionModel),
+        }
+        config_cls, model_cls = classes[kind]
+        model_cls(config_cls(intermediate_size=32, **TINY_VISION)).save_pretrained(folder)
+    encoder = build_encoder("hf", EncoderRequest(path=folder))
+    images = _images(2, size=12)  # resized to the model's 8 px
+    emb = encoder.embed(images)
+    assert emb.shape == (2, 4, 16), "4 patches of 4x4 px, CLS/distillation tokens dropped"
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(
+            torch.from_numpy(images).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear", antialias=True
+        )
+        hidden = encoder.model(pixel_values=(x - 0.5) / 0.5).last_hidden_state
+    assert hidden.shape[1] == 4 + prefix
+    torch.testing.assert_close(emb, hidden[:, prefix:])
+
+
+def test_hf_encoder_uses_the_folder_normalisation(vit_dir: Path) -> None:
+    folder = inspect_vision_folder(vit_dir)
+    assert folder.image_mean == (0.4, 0.4, 0.4) and folder.image_std == (0.2, 0.2, 0.2)
+    assert folder.image_size == (8, 8) and folder.patch_size == 4
+    described = build_encoder("hf", EncoderRequest(path=vit_dir)).describe()
+    assert described["model_type"] == "vit" and described["path"] == str(vit_dir.resolve())
+
+
+def test_hf_folder_that_is_not_a_vision_model(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelError, match="'bert' model, which is not a vision model"):
+        check_encoder_request("hf", EncoderRequest(path=tmp_path / "bert"))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "no config.json"),
+    ],
+)
+def test_hf_folder_errors(tmp_path: Path, make, expected: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BenchmarkError, match=expected):
+        check_encoder_request("hf", EncoderRequest(path=make(tmp_path)))
+
+
+def test_hf_without_path() -> None:
+    with pytest.raises(ConfigError, match="--encoder-path"):
+        check_encoder_request("hf", EncoderRequest())
+
+
+def test_config_validate_rejects_non_vision_encoder_folder(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from benchmark.config import preset
+
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    ).save_pretrained(tmp_path / "bert")
+    config = preset("micro").replace(encoder="hf", encoder_path=tmp_path / "bert", cache_dir=tmp_path / "c")
+    with pytest.raises(ModelError, match="not a vision model"):
+        config.validate()
+    assert not (tmp_path / "c").exists(), "rejected before anything was built"
