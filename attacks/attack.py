@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from attacks.attack_models import ATTACK_MODELS, AttackModel
+from attacks.captioners import Captioner
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, ImageEncoder
-from attacks.scenarios import Scenario
+from attacks.scenarios import QueryAccess, Scenario
 from benchmark.target import BlackBoxTarget
 
 ProgressFn = Callable[[int], None]
@@ -24,12 +26,20 @@ class AttackConfig:
     encoder: str = "pixels"
     distance: str = "cosine"
     generations_per_query: int = 3
-    query_batch: int = 64
+    query_access: QueryAccess = QueryAccess.TEXT
+    # Only for image-to-image access: how far the query image is noised (0 < s <= 1).
+    strength: float = 0.5
+    # Queries per call to the target: the model sees query_batch x generations images at once.
+    query_batch: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.generations_per_query < 1:
             raise ValueError(f"generations per query must be >= 1, got {self.generations_per_query}")
+        if self.query_batch < 1:
+            raise ValueError(f"query batch must be >= 1, got {self.query_batch}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"img2img strength must be in (0, 1], got {self.strength}")
         ATTACK_MODELS.get(self.attack_model)
         ENCODERS.get(self.encoder)
         DISTANCES.get(self.distance)
@@ -41,25 +51,48 @@ class AttackConfig:
             "encoder": self.encoder,
             "distance": self.distance,
             "generations_per_query": self.generations_per_query,
+            "query_access": self.query_access.value,
+            "strength": self.strength if self.query_access is QueryAccess.IMAGE_TO_IMAGE else None,
             "seed": self.seed,
         }
 
 
 @dataclass(frozen=True)
 class Query:
-    """What the attacker holds for one candidate: never its membership."""
+    """What the attacker holds for one candidate: never its membership.
+
+    `caption` is None where the scenario gives the attacker the image alone
+    (II, IV); `caption_queries` fills it from a captioner.
+    """
 
     query_id: str
     image: np.ndarray
-    caption: str
+    caption: str | None
 
 
 @dataclass
 class ScoredQueries:
     query_ids: list[str]
+    captions: list[str]
     scores: np.ndarray  # (n_queries, generations_per_query)
     queries_spent: int
     images_generated: int
+    seconds_in_model: float
+    seconds_total: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_generated / self.seconds_in_model if self.seconds_in_model > 0 else 0.0
+
+    @property
+    def model_time_fraction(self) -> float:
+        return self.seconds_in_model / self.seconds_total if self.seconds_total > 0 else 0.0
+
+
+def caption_queries(queries: Sequence[Query], captioner: Captioner) -> list[Query]:
+    """Replace every caption with the captioner's (the attacker holds images only)."""
+    captions = captioner.caption(np.stack([q.image for q in queries]))
+    return [replace(q, caption=c) for q, c in zip(queries, captions, strict=True)]
 
 
 def score_queries(
@@ -72,21 +105,33 @@ def score_queries(
 ) -> ScoredQueries:
     """Similarity of each query image to `m` generations from its caption.
 
-    The query image never reaches the model: only its caption does.
+    With text-only access (the paper's attack) the query image never reaches the
+    model: only its caption does. With image-to-image access the query image is
+    noised to `config.strength` and denoised with its caption.
     """
+    missing = [q.query_id for q in queries if q.caption is None]
+    if missing:
+        raise ValueError(f"{len(missing)} queries have no caption (e.g. {missing[0]!r}); run caption_queries first")
     encoder = encoder or ENCODERS.get(config.encoder)()
     similarity = DISTANCES.get(config.distance)
-    before_q, before_i = target.query_count, target.images_generated
+    before_q, before_i, before_s = target.query_count, target.images_generated, target.seconds_generating
+    started = time.perf_counter()
     rows = []
+    m = config.generations_per_query
     for start in range(0, len(queries), config.query_batch):
         chunk = queries[start : start + config.query_batch]
-        # One seed per batch position keeps scores independent of batching order.
-        generated = target.generate(
-            [q.caption for q in chunk], num_images=config.generations_per_query, seed=config.seed + start
-        )
-        n, m = generated.shape[:2]
+        captions = [str(q.caption) for q in chunk]
+        query_images = np.stack([q.image for q in chunk])
+        # One seed per batch start keeps scores reproducible for a fixed batch size.
+        if config.query_access is QueryAccess.IMAGE_TO_IMAGE:
+            generated = target.img2img(
+                query_images, captions, strength=config.strength, num_images=m, seed=config.seed + start
+            )
+        else:
+            generated = target.generate(captions, num_images=m, seed=config.seed + start)
+        n = generated.shape[0]
         gen_emb = encoder.embed(generated.reshape(n * m, *generated.shape[2:]))
-        query_emb = encoder.embed(np.stack([q.image for q in chunk]))
+        query_emb = encoder.embed(query_images)
         gen_emb = gen_emb.reshape(n, m, *gen_emb.shape[1:])
         with torch.no_grad():
             rows.append(similarity(query_emb.unsqueeze(1), gen_emb).numpy())
@@ -94,12 +139,81 @@ def score_queries(
             progress(len(chunk))
     return ScoredQueries(
         query_ids=[q.query_id for q in queries],
-        scores=np.concatenate(rows).astype(np.float64),
+        captions=[str(q.caption) for q in queries],
+        scores=np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, m)),
         queries_spent=target.query_count - before_q,
         images_generated=target.images_generated - before_i,
+        seconds_in_model=target.seconds_generating - before_s,
+        seconds_total=time.perf_counter() - started,
     )
 
 
 def fit_attack_model(config: AttackConfig, shadow_scores: np.ndarray, shadow_labels: np.ndarray) -> AttackModel:
     """Fit on the attacker's shadow model; the target's labels are never seen here."""
     return ATTACK_MODELS.get(config.attack_model)().fit(shadow_scores, shadow_labels)
+
+
+# --- the model-free baseline --------------------------------------------------------------
+
+BASELINE_FEATURES = ("embedding_norm", "embedding_std", "pixel_mean", "pixel_std")
+
+
+def image_features(images: np.ndarray, encoder: ImageEncoder) -> np.ndarray:
+    """Statistics of the query images alone (no model query): (N, len(BASELINE_FEATURES)).
+
+    The model-free baseline feeds these to the same attack models. If members and
+    non-members were drawn from different distributions, these would separate them
+    without any model (CopyMark's warning); on a sound split it sits at AUC 0.5.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    with torch.no_grad():
+        emb = encoder.embed(images).double()
+    return np.stack(
+        [
+            emb.norm(dim=-1).mean(dim=-1).numpy(),
+            emb.std(dim=(1, 2)).numpy(),
+            images.mean(axis=(1, 2, 3)),
+            images.std(axis=(1, 2, 3)),
+        ],
+        axis=1,
+    ).astype(np.float64)
+
+
+class ModelFreeBaseline:
+    """The same attack model fed only `image_features` of the query images: no model query at all.
+
+    Features are standardised on the shadow's queries (so a mean over columns, as
+    threshold and distribution take, weighs them alike), then the attack model is
+    fitted on the shadow and applied once to the target, like the real attack.
+    """
+
+    def __init__(self, attack_model: str) -> None:
+        self.attack_model_name = attack_model
+        self.model = ATTACK_MODELS.get(attack_model)()
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        if self.mean is None or self.std is None:
+            raise RuntimeError("fit the baseline on shadow features first")
+        return (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+
+    def fit(self, shadow_features: np.ndarray, shadow_labels: np.ndarray) -> ModelFreeBaseline:
+        features = np.asarray(shadow_features, dtype=np.float64)
+        self.mean, self.std = features.mean(axis=0), features.std(axis=0) + 1e-12
+        self.model.fit(self.standardise(features), shadow_labels)
+        return self
+
+    def membership_score(self, features: np.ndarray) -> np.ndarray:
+        return self.model.membership_score(self.standardise(features))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict(self.standardise(features))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": "model_free",
+            "attack_model": self.attack_model_name,
+            "features": list(BASELINE_FEATURES),
+            "standardised_on": "shadow queries",
+        }

@@ -190,3 +190,93 @@ def test_importing_attacks_loads_no_model_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- image-to-image access ----------------------------------------------------------------
+
+
+class FakeImg2Img:
+    def __init__(self) -> None:
+        self.calls: list[tuple[np.ndarray, list[str], float, int]] = []
+
+    def __call__(self, images: np.ndarray, captions: list[str], strength: float, seed: int) -> np.ndarray:
+        self.calls.append((images.copy(), list(captions), strength, seed))
+        return images * 0.5
+
+
+def test_img2img_counts_queries_like_generate() -> None:
+    fake = FakeImg2Img()
+    target = BlackBoxTarget(FakeGenerator(), name="fake", img2img_fn=fake)
+    assert target.offers_img2img
+    images = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+    out = target.img2img(images, ["a", "b"], strength=0.3, num_images=3, seed=5)
+    assert out.shape == (2, 3, 8, 8, 3)
+    assert (target.query_count, target.images_generated) == (2, 6)
+    target.generate(["c"], num_images=2, seed=0)
+    assert (target.query_count, target.images_generated) == (3, 8)
+    flat_images, captions, strength, seed = fake.calls[0]
+    assert captions == ["a", "a", "a", "b", "b", "b"] and strength == 0.3 and seed == 5
+    np.testing.assert_array_equal(flat_images[:3], np.repeat(images[:1], 3, axis=0))
+    np.testing.assert_allclose(out[1, 2], images[1] * 0.5)
+    assert target.seconds_generating >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strength": 0.0}, "strength"),
+        ({"strength": 1.5}, "strength"),
+        ({"num_images": 0}, "num_images"),
+    ],
+)
+def test_img2img_rejects_bad_arguments_without_counting(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
+    fake = FakeImg2Img()
+    target = BlackBoxTarget(FakeGenerator(), name="fake", img2img_fn=fake)
+    args = {"strength": 0.5, "num_images": 1, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        target.img2img(np.zeros((1, 8, 8, 3)), ["a"], **args)
+    with pytest.raises(ValueError, match="1 images but 2 captions"):
+        target.img2img(np.zeros((1, 8, 8, 3)), ["a", "b"], strength=0.5, num_images=1, seed=0)
+    assert fake.calls == [] and (target.query_count, target.images_generated) == (0, 0)
+
+
+def test_text_only_provider_refuses_img2img() -> None:
+    target = BlackBoxTarget(FakeGenerator(), name="text-only")
+    assert not target.offers_img2img
+    with pytest.raises(PermissionError, match="no image-to-image access"):
+        target.img2img(np.zeros((1, 8, 8, 3)), ["a"], strength=0.5, num_images=1, seed=0)
+    assert target.query_count == 0
+
+
+def test_from_model_img2img(model_target: BlackBoxTarget) -> None:
+    before = model_target.query_count, model_target.images_generated
+    images = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+    captions = ["a red circle at the top", "a blue square"]
+    out = model_target.img2img(images, captions, strength=0.5, num_images=2, seed=0)
+    assert out.shape == (2, 2, 8, 8, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert (model_target.query_count - before[0], model_target.images_generated - before[1]) == (2, 4)
+    np.testing.assert_array_equal(out, model_target.img2img(images, captions, strength=0.5, num_images=2, seed=0))
+    # Less noise keeps the output closer to the query image.
+    light = model_target.img2img(images, captions, strength=0.05, num_images=2, seed=0)
+    heavy = model_target.img2img(images, captions, strength=1.0, num_images=2, seed=0)
+    assert np.abs(light - images[:, None]).mean() < np.abs(heavy - images[:, None]).mean()
+
+
+def test_score_queries_with_img2img_access() -> None:
+    from attacks.attack import AttackConfig, Query, score_queries
+    from attacks.scenarios import QueryAccess
+
+    fake = FakeImg2Img()
+    target = BlackBoxTarget(FakeGenerator(), name="fake", img2img_fn=fake)
+    rng = np.random.default_rng(1)
+    queries = [Query(f"q{i}", rng.uniform(size=(8, 8, 3)).astype(np.float32), f"c{i}") for i in range(5)]
+    config = AttackConfig(query_access=QueryAccess.IMAGE_TO_IMAGE, strength=0.4, generations_per_query=2, query_batch=2)
+    scored = score_queries(target, queries, config)
+    assert scored.scores.shape == (5, 2)
+    assert scored.queries_spent == 5 and scored.images_generated == 10
+    assert [len(call[1]) for call in fake.calls] == [4, 4, 2]
+    assert all(call[2] == 0.4 for call in fake.calls)
+    assert config.to_dict()["query_access"] == "img2img" and config.to_dict()["strength"] == 0.4
+    with pytest.raises(ValueError, match="no caption"):
+        score_queries(target, [Query("x", queries[0].image, None)], config)

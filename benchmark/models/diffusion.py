@@ -178,3 +178,61 @@ def generate(
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def img2img(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    captions: list[str],
+    *,
+    strength: float,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Noise each image to `strength` and denoise it with its caption (SDEdit, as diffusers'
+    img2img pipeline does): DDIM over the last `strength` fraction of the schedule.
+
+    Args:
+        images: NCHW in [-1, 1], one per caption.
+        strength: in (0, 1]; 1 starts from pure noise (plain text-to-image).
+
+    Returns:
+        NCHW in [-1, 1].
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    # At least one denoising step, however small the strength.
+    start_steps = min(num_inference_steps, max(1, int(round(num_inference_steps * strength))))
+    timesteps = scheduler.timesteps[num_inference_steps - start_steps :]
+    unet = model.unet
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    uncond = model.encode_text([""])
+    use_cfg = guidance_scale != 1.0
+    outputs = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start : start + batch_size]
+        cond = model.encode_text(chunk)
+        init = model.images_to_latents(images[start : start + batch_size].float())
+        noise = torch.randn(init.shape, generator=generator)
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(chunk)))
+        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
+        for t in timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            noise_pred = unet(model_in, t, encoder_hidden_states=context).sample
+            if use_cfg:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+        outputs.append(model.latents_to_images(latents))
+    unet.train(was_training)
+    return torch.cat(outputs)
