@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from attacks.scenarios import Scenario
+from attacks.scenarios import QueryAccess, Scenario, ShadowMode
 from benchmark.errors import BenchmarkError, ConfigError
 from benchmark.finetune import TrainConfig
 from benchmark.target import SamplingConfig
@@ -26,6 +26,10 @@ RUN_EXAMPLES = """examples:
   python -m benchmark run --defense dpsgd+lora.r4 --defense-arg target_epsilon=4
   python -m benchmark run --model sd15 --model-path ~/models/sd-v1-5 --resolution 512 \\
       --dataset folder --dataset-path ~/data/celeba-dialog
+  python -m benchmark run --defense none --scenario all --attack-model all
+  python -m benchmark run --scenario II --attack-model classifier --no-captioner-finetune
+  python -m benchmark run --query-access img2img --strength 0.3 --shadow naive
+  python -m benchmark run --encoder hf --encoder-path ~/models/deit-base-patch16-224
 """
 
 
@@ -51,9 +55,25 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--resolution", type=int, help="image side in pixels")
     p.add_argument("--model", help="tiny (embedded default) or sd15 (local diffusers folder)")
     p.add_argument("--model-path", type=Path, help="local diffusers folder for --model sd15")
-    p.add_argument("--scenario", help="attacker scenario: I or III (II/IV need a captioner)")
-    p.add_argument("--attack-model", help="attack model registry name")
-    p.add_argument("--encoder", help="image encoder registry name")
+    p.add_argument("--scenario", help="attacker scenario I, II, III or IV; 'all' or a list (I,III) runs several")
+    p.add_argument("--attack-model", help="threshold, distribution or classifier; 'all' or a list runs several")
+    p.add_argument("--encoder", help="image encoder: pixels, cnn (trained on the public split) or hf")
+    p.add_argument("--encoder-path", type=Path, help="local transformers vision folder for --encoder hf (DeiT, ...)")
+    p.add_argument("--captioner", help="captioner for scenarios II/IV: tiny (embedded) or blip")
+    p.add_argument("--captioner-path", type=Path, help="local BLIP / BLIP-2 folder for --captioner blip")
+    p.add_argument(
+        "--no-captioner-finetune",
+        action="store_true",
+        help="use the captioner without fine-tuning it on the auxiliary data (the paper's ablation)",
+    )
+    p.add_argument("--query-access", help="text (the paper's attack, default) or img2img (recorded separately)")
+    p.add_argument("--strength", type=float, help="img2img noise strength in (0, 1] (default 0.5)")
+    p.add_argument("--shadow", help="aware (default: the shadow uses the target's defense) or naive")
+    p.add_argument("--shadow-members", type=int, help="shadow model members (default: --members)")
+    p.add_argument("--shadow-nonmembers", type=int, help="shadow non-members held out by the attacker")
+    p.add_argument("--query-batch", type=int, help="queries per model call (x generations images per batch)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for 95%% intervals (0: none)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the model-free baseline")
     p.add_argument("--distance", help="similarity: cosine, l1, l2, hamming")
     p.add_argument("--members", type=int, help="target members (fine-tuning set size)")
     p.add_argument("--nonmembers", type=int, help="target non-members queried by the attack")
@@ -80,24 +100,42 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "resolution": args.resolution,
         "model": args.model,
         "model_path": args.model_path,
-        "attack_model": args.attack_model,
         "encoder": args.encoder,
+        "encoder_path": args.encoder_path,
         "distance": args.distance,
+        "captioner": args.captioner,
+        "captioner_path": args.captioner_path,
+        "img2img_strength": args.strength,
         "members": args.members,
         "nonmembers": args.nonmembers,
+        "shadow_members": args.shadow_members,
+        "shadow_nonmembers": args.shadow_nonmembers,
+        "query_batch": args.query_batch,
+        "bootstrap_resamples": args.bootstrap,
         "generations_per_query": args.generations,
         "seed": args.seed,
         "results_dir": args.results_dir,
         "cache_dir": args.cache_dir,
     }
     changes = {k: v for k, v in simple.items() if v is not None}
-    if args.scenario is not None:
-        try:
-            changes["scenario"] = Scenario.parse(args.scenario)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    scenarios, attack_models = cells_from_args(args)
+    if scenarios:
+        changes["scenario"] = scenarios[0]
+    if attack_models:
+        changes["attack_model"] = attack_models[0]
+    try:
+        if args.query_access is not None:
+            changes["query_access"] = QueryAccess.parse(args.query_access)
+        if args.shadow is not None:
+            changes["shadow"] = ShadowMode.parse(args.shadow)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.no_control:
         changes["control"] = False
+    if args.no_captioner_finetune:
+        changes["captioner_finetune"] = False
+    if args.no_baseline:
+        changes["baseline"] = False
     if args.defense_arg:
         changes["defense_args"] = tuple(_key_value(item) for item in args.defense_arg)
     ft: dict[str, object] = {}
@@ -114,6 +152,31 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return config.replace(**changes)
 
 
+def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tuple[str, ...]]:
+    """Scenarios and attack models named by --scenario / --attack-model ('all', one, or a comma list).
+
+    Empty tuples mean "the preset's".
+    """
+    from attacks.attack_models import ATTACK_MODELS
+
+    scenarios: tuple[Scenario, ...] = ()
+    attack_models: tuple[str, ...] = ()
+    if args.scenario is not None:
+        if args.scenario.strip().lower() == "all":
+            scenarios = tuple(Scenario)
+        else:
+            try:
+                scenarios = tuple(Scenario.parse(part) for part in args.scenario.split(",") if part.strip())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    if args.attack_model is not None:
+        if args.attack_model.strip().lower() == "all":
+            attack_models = tuple(ATTACK_MODELS.names())
+        else:
+            attack_models = tuple(part.strip() for part in args.attack_model.split(",") if part.strip())
+    return scenarios, attack_models
+
+
 def _key_value(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -122,10 +185,21 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from benchmark.runner import run
+    from benchmark.runner import run_matrix
 
     config = config_from_args(args)
-    outcome = run(config, console=console, show_progress=not args.quiet)
+    scenarios, attack_models = cells_from_args(args)
+    outcomes = run_matrix(
+        config,
+        scenarios=scenarios or None,
+        attack_models=attack_models or None,
+        console=console,
+        show_progress=not args.quiet,
+    )
+    if len(outcomes) > 1:
+        _print_matrix(outcomes, console)
+        return 0
+    [outcome] = outcomes
     record = outcome.record
     table = Table(title=f"{record.dataset} / scenario {record.scenario} / defense {record.defense}")
     table.add_column("metric")
@@ -144,8 +218,37 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _fmt(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
+    metric = metrics.get(name)
+    return "n/a" if metric is None or metric.value is None else f"{metric.value:.3f}"
+
+
+def _print_matrix(outcomes: list, console: Console) -> None:  # type: ignore[type-arg]
+    first = outcomes[0].record
+    table = Table(title=f"{first.dataset} / defense {first.defense}: one record per (scenario, attack model)")
+    for column in ("scenario", "attack model", "AUC [95% CI]", "TPR@1%FPR", "bal. acc.", "control AUC", "baseline AUC"):
+        table.add_column(column, justify="left" if column in ("scenario", "attack model") else "right")
+    for outcome in outcomes:
+        record, metrics = outcome.record, outcome.record.metrics
+        auc = metrics["attack_auc"]
+        ci = f" [{auc.ci[0]:.2f}, {auc.ci[1]:.2f}]" if auc.ci else ""
+        table.add_row(
+            record.scenario,
+            str(record.attack["attack_model"]),
+            f"{_fmt(metrics, 'attack_auc')}{ci}",
+            _fmt(metrics, "attack_tpr_at_1pct_fpr"),
+            _fmt(metrics, "attack_balanced_accuracy"),
+            _fmt(metrics, "control_auc_base_model"),
+            _fmt(metrics, "baseline_auc_model_free"),
+        )
+    console.print(table)
+    for outcome in outcomes:
+        console.print(f"result written to {outcome.path}")
+
+
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from attacks.attack_models import ATTACK_MODELS
+    from attacks.captioners import CAPTIONERS
     from attacks.distances import DISTANCES
     from attacks.encoders import ENCODERS
     from benchmark.config import PRESETS
@@ -161,6 +264,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         "attack models": ATTACK_MODELS,
         "encoders": ENCODERS,
         "distances": DISTANCES,
+        "captioners": CAPTIONERS,
     }
     for title, registry in kinds.items():
         console.print(f"[bold]{title}[/]")

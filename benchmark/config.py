@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attacks.attack_models import ATTACK_MODELS
+from attacks.captioners import CAPTIONERS, CaptionerRequest, CaptionerTraining, check_captioner_request
+from attacks.captioners import needs_public_data as captioner_needs_public
 from attacks.distances import DISTANCES
-from attacks.encoders import ENCODERS
-from attacks.scenarios import Scenario
+from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining, check_encoder_request
+from attacks.encoders import needs_public_data as encoder_needs_public
+from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
+from attacks.training_data import TrainingData
 from benchmark.cache import default_cache_dir
 from benchmark.data.base import DATASETS
 from benchmark.errors import ConfigError
@@ -40,8 +45,21 @@ class RunConfig:
     )
     scenario: Scenario = Scenario.III
     attack_model: str = "threshold"
-    encoder: str = "pixels"
+    encoder: str = field(default="pixels", metadata={"help": "image encoder: pixels, cnn (trained on public), hf"})
+    encoder_path: Path | None = field(default=None, metadata={"help": "local transformers vision folder for hf"})
     distance: str = "cosine"
+    captioner: str = field(default="tiny", metadata={"help": "captioner for scenarios II/IV: tiny or blip"})
+    captioner_path: Path | None = field(default=None, metadata={"help": "local BLIP/BLIP-2 folder for blip"})
+    captioner_finetune: bool = field(
+        default=True, metadata={"help": "fine-tune the captioner on the auxiliary data (False: the paper's ablation)"}
+    )
+    query_access: QueryAccess = field(
+        default=QueryAccess.TEXT, metadata={"help": "text (the paper's attack) or img2img (recorded separately)"}
+    )
+    img2img_strength: float = field(default=0.5, metadata={"help": "noise strength of img2img queries, in (0, 1]"})
+    shadow: ShadowMode = field(
+        default=ShadowMode.AWARE, metadata={"help": "aware: the shadow uses the target's defense; naive: it does not"}
+    )
     public: int = 2000
     members: int = 50
     nonmembers: int = 50
@@ -49,6 +67,11 @@ class RunConfig:
     shadow_nonmembers: int = 50
     utility: int = 100
     generations_per_query: int = 3
+    query_batch: int = field(default=128, metadata={"help": "queries per call to the model (x generations images)"})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    baseline: bool = field(default=True, metadata={"help": "also run the model-free baseline (should sit at AUC 0.5)"})
+    encoder_training: EncoderTraining = EncoderTraining()
+    captioner_training: CaptionerTraining = CaptionerTraining()
     pretrain: TrainConfig = TrainConfig(
         epochs=40, batch_size=64, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=True, lr_warmup_steps=100
     )
@@ -72,6 +95,7 @@ class RunConfig:
             (ATTACK_MODELS, self.attack_model),
             (ENCODERS, self.encoder),
             (DISTANCES, self.distance),
+            (CAPTIONERS, self.captioner),
         ):
             try:
                 registry.get(value)
@@ -90,6 +114,7 @@ class RunConfig:
             "shadow_members": self.shadow_members,
             "shadow_nonmembers": self.shadow_nonmembers,
             "generations_per_query": self.generations_per_query,
+            "query_batch": self.query_batch,
             "finetune.epochs": self.finetune.epochs,
             "finetune.batch_size": self.finetune.batch_size,
             "sampling.num_inference_steps": self.sampling.num_inference_steps,
@@ -105,7 +130,44 @@ class RunConfig:
             raise ConfigError("--model sd15 needs --model-path DIR, a local diffusers folder; nothing is downloaded")
         if self.model == "tiny" and self.public < 1:
             raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
+        self.validate_attack()
         return self
+
+    def validate_attack(self) -> None:
+        """The attack's settings: budgets, the shadow's member-set size, encoder and captioner folders."""
+        if self.bootstrap_resamples < 0:
+            raise ConfigError(f"bootstrap_resamples must be >= 0, got {self.bootstrap_resamples}")
+        if not 0.0 < self.img2img_strength <= 1.0:
+            raise ConfigError(f"img2img strength must be in (0, 1], got {self.img2img_strength}")
+        from_target = int(round(self.shadow_members * self.scenario.auxiliary_member_overlap))
+        if from_target > self.members:
+            raise ConfigError(
+                f"scenario {self.scenario.value} draws half the shadow's {self.shadow_members} members from the "
+                f"target's members, but the target has only {self.members}; lower --shadow-members or raise --members"
+            )
+        # Stand-in for the public split: the folder checks below must not load any data.
+        public = None
+        if self.public_split_size > 0:
+            public = TrainingData({"placeholder": "public split"}, _no_data_before_the_run)
+        try:
+            check_encoder_request(self.encoder, EncoderRequest(path=self.encoder_path, public=public))
+            if self.scenario.caption_source is CaptionSource.CAPTIONER:
+                check_captioner_request(
+                    self.captioner,
+                    CaptionerRequest(path=self.captioner_path, public=public, fine_tune=self.captioner_finetune),
+                )
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def public_split_size(self) -> int:
+        """The public split is drawn for the tiny model and for attack components trained on it."""
+        needed = (
+            self.model == "tiny"
+            or encoder_needs_public(self.encoder)
+            or (self.scenario.caption_source is CaptionSource.CAPTIONER and captioner_needs_public(self.captioner))
+        )
+        return self.public if needed else 0
 
     @property
     def cache_path(self) -> Path:
@@ -119,7 +181,7 @@ class RunConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Scenario):
+            if isinstance(value, enum.Enum):
                 value = value.value
             elif isinstance(value, Path):
                 value = str(value)
@@ -128,6 +190,10 @@ class RunConfig:
             out[f.name] = value
         out["cache_dir"] = str(self.cache_path)
         return out
+
+
+def _no_data_before_the_run() -> tuple[Any, list[str]]:
+    raise RuntimeError("validation only checks settings and folders; no data is loaded before the run")
 
 
 def _micro() -> RunConfig:
@@ -143,6 +209,8 @@ def _micro() -> RunConfig:
         shadow_nonmembers=8,
         utility=8,
         generations_per_query=2,
+        encoder_training=EncoderTraining(epochs=1),
+        captioner_training=CaptionerTraining(pretrain_epochs=2, finetune_epochs=2, hf_finetune_epochs=1),
         pretrain=TrainConfig(epochs=2, batch_size=32, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=True),
         finetune=TrainConfig(epochs=3, batch_size=8, learning_rate=2e-3),
         sampling=SamplingConfig(num_inference_steps=4),

@@ -35,6 +35,8 @@ class Metric:
     value: float | None
     higher_is_better: bool
     description: str = ""
+    # 95% bootstrap interval (low, high), where the figure has one.
+    ci: tuple[float, float] | None = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class ResultRecord:
     timings_s: dict[str, float]
     peak_memory_mb: float
     control: dict[str, Any] | None = None
+    # The model-free baseline: the same attack model on query-image features alone.
+    baseline: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
@@ -199,6 +203,35 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
         raise RecordError(f"{path} already exists; results are never overwritten") from None
     except OSError as exc:
         raise RecordError(f"cannot write {path}: {exc}; pass a writable --results-dir") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def attachment_name(run_id: str, suffix: str) -> str:
+    """File name of a run's attachment (e.g. its ROC plot), stored next to its record."""
+    return f"{_safe(run_id)}{suffix}"
+
+
+def write_attachment(record_file: Path, run_id: str, suffix: str, data: bytes) -> Path:
+    """Write `data` atomically next to `record_file`; never overwrite.
+
+    Raises:
+        RecordError: the file exists or cannot be written.
+    """
+    path = Path(record_file).parent / attachment_name(run_id, suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.link(tmp, path)
+    except FileExistsError:
+        raise RecordError(f"{path} already exists; results are never overwritten") from None
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path

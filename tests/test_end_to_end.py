@@ -17,11 +17,15 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_writes_exactly_one_record(micro_run) -> None:  # type: ignore[no-untyped-def]
+def test_writes_exactly_one_record_and_its_roc_plot(micro_run) -> None:  # type: ignore[no-untyped-def]
     record = micro_run.outcome.record
     expected = micro_run.results_dir / "scenes" / "III" / "none" / f"{record.run_id}.json"
+    plot = expected.with_name(f"{record.run_id}.roc.png")
     assert micro_run.outcome.path == expected
-    assert _files(micro_run.results_dir) == [expected]
+    assert micro_run.outcome.plot_path == plot
+    assert _files(micro_run.results_dir) == sorted([expected, plot])
+    assert record.attack["roc_plot"] == plot.name
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_query_accounting(micro_run) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +98,7 @@ def test_same_seed_on_warm_cache_is_deterministic(micro_run, warm_run) -> None: 
     outcome, results = warm_run
     first, second = micro_run.outcome.record, outcome.record
     assert second.run_id != first.run_id
-    assert _files(results) == [outcome.path]
+    assert _files(results) == sorted([outcome.path, outcome.plot_path])
     assert second.components["model"]["from_cache"] is True
     assert second.training["target"]["from_cache"] is True and second.training["shadow"]["from_cache"] is True
     for key in ("query_ids", "labels", "scores", "membership_scores", "predictions"):
@@ -133,7 +137,7 @@ def test_cli_run_on_warm_cache(micro_run, tmp_path: Path, capsys, monkeypatch) -
     )
     err = capsys.readouterr().err
     assert code == 0
-    [path] = _files(results)
+    [path] = [p for p in _files(results) if p.suffix == ".json"]
     assert "result written to" in err and str(path) in err
     assert "attack_auc" in err
 

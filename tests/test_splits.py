@@ -135,3 +135,25 @@ def test_shadow_split_raises_when_auxiliary_too_small(splits: Splits) -> None:
 def test_shadow_split_raises_when_target_members_too_few(splits: Splits) -> None:
     with pytest.raises(ConfigError, match="target members"):
         shadow_split(splits, members=50, nonmembers=0, target_member_overlap=1.0, seed=0)
+
+
+@pytest.mark.parametrize("scenario", list(Scenario))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scenario_shadow_splits(scenario: Scenario, seed: int) -> None:
+    """I/II: exactly half the shadow's members are target members; III/IV: none. Never a target non-member."""
+    sizes = SplitSizes(public=10, members=20, nonmembers=20, auxiliary=40, utility=0)
+    splits = make_splits(120, sizes, public_seed=0, seed=seed)
+    shadow = shadow_split(
+        splits, members=20, nonmembers=20, target_member_overlap=scenario.auxiliary_member_overlap, seed=seed
+    )
+    shadow_members, shadow_nonmembers = set(shadow.members), set(shadow.nonmembers)
+    overlap = len(shadow_members & set(splits.members))
+    if scenario in (Scenario.I, Scenario.II):
+        assert overlap == shadow.overlap_with_target_members == 10 == len(shadow_members) // 2
+    else:
+        assert overlap == shadow.overlap_with_target_members == 0
+    assert not (shadow_members | shadow_nonmembers) & set(splits.nonmembers)
+    assert not shadow_nonmembers & set(splits.members), "the shadow's non-members are never target members"
+    assert not (shadow_members | shadow_nonmembers) & set(splits.public)
+    assert len(shadow_members) == 20 and len(shadow_nonmembers) == 20
+    assert scenario.caption_source.value == ("captioner" if scenario in (Scenario.II, Scenario.IV) else "ground_truth")
