@@ -24,8 +24,8 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.85, 0.15),
     "purple": (0.55, 0.2, 0.7),
     "orange": (0.95, 0.55, 0.1),
-    "white": (0.95, 0.95, 0.95),
-    "black": (0.08, 0.08, 0.08),
+    "white": (0.85, 0.85, 0.85),
+    "black": (0.15, 0.15, 0.15),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 POSITIONS: dict[str, tuple[float, float]] = {
@@ -41,7 +41,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.16), "large": (0.19, 0.25)}
 DEFAULT_SIZE = 3000
-SCENES_VERSION = "1"
+SCENES_VERSION = "2"
 
 
 def _all_combinations() -> list[tuple[str, str, str, str, str]]:
@@ -73,10 +73,10 @@ def render_scene(combo: tuple[str, str, str, str, str], rng: np.random.Generator
     coords = (np.arange(r, dtype=np.float64) + 0.5) / r
     x, y = np.meshgrid(coords, coords)
     angle = rng.uniform(0, 2 * np.pi)
-    strength = rng.uniform(0.25, 0.5)
+    strength = rng.uniform(0.2, 0.35)
     ramp = (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle)
-    light = 1.0 + strength * ramp * 2.0
-    image = np.asarray(COLORS[bg])[None, None, :] * light[..., None]
+    # Additive, so the lighting shows on dark backgrounds too.
+    image = np.asarray(COLORS[bg])[None, None, :] + (strength * ramp * 2.0)[..., None]
     cx, cy = POSITIONS[pos]
     cx += rng.uniform(-0.07, 0.07)
     cy += rng.uniform(-0.07, 0.07)
