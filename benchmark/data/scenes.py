@@ -40,7 +40,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.73, 0.73),
 }
 SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.16), "large": (0.19, 0.25)}
-DEFAULT_SIZE = 3000
+# Every distinct caption: one pool for all presets, so they share the public split and base model.
+DEFAULT_SIZE = 4032
 SCENES_VERSION = "2"
 
 
