@@ -11,7 +11,7 @@ module (or an object in it) whose import registers the component with the usual
 decorator (`@register_defense("weight_decay")`). Plugins are imported lazily, on
 the registry's first lookup or listing, and each import is guarded: a broken
 plugin nobody asked for is a warning naming its distribution, a requested one is
-an error (`PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
+an error (`benchmark.errors.PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
 for reproducible runs that must not depend on what else is installed.
 """
 
@@ -24,7 +24,6 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
-from benchmark.errors import PluginError
 from benchmark.registry import Registry
 
 BUILTIN_PACKAGES = ("benchmark", "defenses", "attacks", "leaderboard", "builtin")
@@ -54,13 +53,13 @@ def _distribution_label(dist: Any) -> str:
 def load_entry_points(registry: Registry[Any], group: str, *, requested: str | None = None) -> dict[str, str]:
     """Import every plugin of `group`; return {entry point name: failure message} for those that failed.
 
+    Failures are warnings (`PluginWarning`, naming the distribution), except for
+    `requested`: the registry raises `PluginError` for that one instead.
+
     Args:
         registry: the registry the plugins register into (checked afterwards).
         group: entry-point group, e.g. "benchmark.defenses".
-        requested: a name the caller is looking up; its failure raises instead of warning.
-
-    Raises:
-        PluginError: the plugin that provides `requested` failed to load.
+        requested: the name the caller is looking up, if any.
     """
     if plugins_disabled():
         log.info("plugin autoloading disabled by %s", DISABLE_ENV)
@@ -85,8 +84,6 @@ def load_entry_points(registry: Registry[Any], group: str, *, requested: str | N
                     PluginWarning,
                     stacklevel=2,
                 )
-    if requested is not None and requested in failures:
-        raise PluginError(failures[requested])
     return failures
 
 

@@ -10,14 +10,15 @@ its own but cannot be composed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from benchmark.errors import ConfigError
+from benchmark.errors import BenchmarkError, ConfigError, DefenseError
 from benchmark.finetune import StepCallback, TrainConfig, TrainingHooks, TrainReport, train
 from benchmark.models.diffusion import DiffusionModel
 from benchmark.registry import Registry
@@ -80,7 +81,8 @@ class Defense:
     ) -> FineTuneResult:
         """Fine-tune `model` in place on the owner's private (images, captions)."""
         hooks = self.training_hooks()
-        report = train(model, images, captions, train_config, on_step=on_step, hooks=hooks)
+        with _failures_named(self.name):
+            report = train(model, images, captions, train_config, on_step=on_step, hooks=hooks)
         details = hooks.details()
         return FineTuneResult(report=report, details={self.name: details} if details else {})
 
@@ -123,7 +125,8 @@ class ComposedDefense(Defense):
         from benchmark.finetune import ComposedHooks
 
         hooks = [part.training_hooks() for part in self.parts]
-        report = train(model, images, captions, train_config, on_step=on_step, hooks=ComposedHooks(hooks))
+        with _failures_named(self.name):
+            report = train(model, images, captions, train_config, on_step=on_step, hooks=ComposedHooks(hooks))
         details = {part.name: h.details() for part, h in zip(self.parts, hooks, strict=True)}
         return FineTuneResult(report=report, details={k: v for k, v in details.items() if v})
 
@@ -132,7 +135,8 @@ class ComposedDefense(Defense):
 
         components = []
         for part in sorted(self.parts, key=lambda d: d.name):
-            components.append({**part.describe(), "origin": component_origin(DEFENSES, part.name)})
+            origin = component_origin(DEFENSES, part.name) if part.name in DEFENSES else type(part).__module__
+            components.append({**part.describe(), "origin": origin})
         return {
             "name": self.name,
             "version": self.version,
@@ -142,11 +146,38 @@ class ComposedDefense(Defense):
         }
 
 
+@contextlib.contextmanager
+def _failures_named(name: str) -> Iterator[None]:
+    """An error inside a defense's training becomes a `DefenseError` naming it and its origin.
+
+    The CLI then reports it in one line (exit 2) instead of a traceback, and the
+    runner writes no record; the original exception stays chained as the cause.
+    """
+    try:
+        yield
+    except BenchmarkError:
+        raise
+    except Exception as exc:
+        from benchmark.plugins import component_origin
+
+        try:
+            origin = component_origin(DEFENSES, name)
+        except Exception:  # the origin is only decoration here
+            origin = "unknown origin"
+        raise DefenseError(
+            f"defense {name!r} ({origin}) failed while fine-tuning: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 DEFENSES: Registry[type[Defense]] = Registry("defense", entry_point_group=ENTRY_POINT_GROUP)
 
 
 def register_defense(
-    name: str, *, version: str = "1", presets: Mapping[str, Mapping[str, Any]] | None = None
+    name: str,
+    *,
+    version: str = "1",
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    registry: Registry[type[Defense]] | None = None,
 ) -> Callable[[type[Defense]], type[Defense]]:
     """Register a defense class under `name`, with optional presets `name.tag`.
 
@@ -155,6 +186,7 @@ def register_defense(
         version: bump when the defense's behaviour changes (it keys the model cache).
         presets: tag -> field values, e.g. {"eps8": {"target_epsilon": 8.0}}; each is
             checked by building the config now, so a bad preset fails at import.
+        registry: where to register (tests pass a fresh one); default `DEFENSES`.
 
     Raises:
         RegistryError: the name is taken.
@@ -180,7 +212,7 @@ def register_defense(
         cls.name = name
         cls.version = version
         cls.presets = checked
-        DEFENSES.add(name, cls, origin=cls.__module__)
+        (registry if registry is not None else DEFENSES).add(name, cls, origin=cls.__module__)
         return cls
 
     return decorator

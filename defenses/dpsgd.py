@@ -157,9 +157,13 @@ class DPSGDHooks(TrainingHooks):
     def __init__(self, config: DPSGDConfig) -> None:
         self.config = config
         self._module = None
+        self._warning_filter: tuple[object, ...] | None = None
         self._details: dict[str, object] = {}
         self.noisy_steps = 0
         self.empty_batches = 0
+        self.physical_batches = 0
+        self.largest_physical_batch = 0
+        self.examples_sampled = 0
 
     def setup(self, state: TrainingState) -> None:
         from opacus import PrivacyEngine
@@ -229,6 +233,11 @@ class DPSGDHooks(TrainingHooks):
         self.noise_multiplier = float(optimizer.noise_multiplier)
         state.model.unet = module  # type: ignore[assignment]
         state.optimizer = optimizer
+        # Opacus's full backward hooks make torch warn on every UNet whose input needs
+        # no grad (the noisy latents never do): expected, so silenced while training.
+        # catch_warnings cannot span the loop, so the filter is added here and removed in finish.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        self._warning_filter = warnings.filters[0]
 
     def batches(self, state: TrainingState) -> Iterator[torch.Tensor]:
         from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -239,6 +248,9 @@ class DPSGDHooks(TrainingHooks):
             optimizer=self._optimizer,
         ) as physical:
             for (idx,) in physical:
+                self.physical_batches += 1
+                self.largest_physical_batch = max(self.largest_physical_batch, len(idx))
+                self.examples_sampled += len(idx)
                 yield idx
 
     def optimizer_step(self, state: TrainingState) -> bool:
@@ -256,11 +268,20 @@ class DPSGDHooks(TrainingHooks):
         return self.optimizer_step(state)
 
     def finish(self, state: TrainingState) -> None:
+        if self._warning_filter is not None:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(self._warning_filter)
+            self._warning_filter = None
         if self._module is None:
             return
-        state.model.unet = self._module.to_standard_module()
         self._optimizer.zero_grad(set_to_none=True)
+        state.model.unet = self._module.to_standard_module()
         self._module = None
+        for p in self._parameters:
+            # What the DPOptimizer attached (the GradSampleModule removes its own).
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
         after = _fingerprint(self._parameters)
         changed = sum(a != b for a, b in zip(self._before, after, strict=True))
         if self.noisy_steps > 0 and changed == 0:
@@ -282,6 +303,9 @@ class DPSGDHooks(TrainingHooks):
             "clipping_norm": self.config.clipping_norm,
             "expected_batch_size": int(self._optimizer.expected_batch_size),
             "max_physical_batch_size": self.config.max_physical_batch_size,
+            "physical_batches": self.physical_batches,
+            "largest_physical_batch": self.largest_physical_batch,
+            "examples_sampled": self.examples_sampled,
             "poisson_sampling": True,
             "grad_sample_mode": self.config.grad_sample_mode,
             "secure_mode": self.config.secure_mode,

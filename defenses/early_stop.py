@@ -49,6 +49,22 @@ class EarlyStopConfig(DefenseConfig):
             raise ConfigError(f"early_stop validation_draws must be >= 1, got {self.validation_draws}")
 
 
+def holdout_split(n: int, fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
+    """(positions trained on, positions held out for validation), each sorted; seeded.
+
+    Raises:
+        ConfigError: nothing would be left to train on.
+    """
+    n_val = max(1, round(fraction * n))
+    if n - n_val < 1:
+        raise ConfigError(
+            f"early_stop holds out {n_val} of {n} members for validation, leaving none to train on; "
+            "use more members or a smaller validation_fraction"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 15_485_863))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
 class EarlyStopHooks(TrainingHooks):
     def __init__(self, config: EarlyStopConfig) -> None:
         self.config = config
@@ -63,16 +79,7 @@ class EarlyStopHooks(TrainingHooks):
         self._n_train = 0
 
     def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
-        n = len(images)
-        n_val = max(1, round(self.config.validation_fraction * n))
-        if n - n_val < 1:
-            raise ConfigError(
-                f"early_stop holds out {n_val} of {n} members for validation, leaving none to train on; "
-                "use more members or a smaller validation_fraction"
-            )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 15_485_863))
-        held_out = sorted(order[:n_val].tolist())
-        kept = sorted(order[n_val:].tolist())
+        kept, held_out = holdout_split(len(images), self.config.validation_fraction, seed=seed)
         self._held_out, self._n_train = held_out, len(kept)
         self._val_images = images[held_out]
         self._val_captions = [captions[i] for i in held_out]

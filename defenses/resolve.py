@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmark.errors import ConfigError
 from benchmark.plugins import plugins_disabled
-from benchmark.registry import RegistryError
+from benchmark.registry import Registry, RegistryError
 from defenses.base import DEFENSES, ComposedDefense, Defense
 
 Overrides = Mapping[str, object] | Iterable[tuple[str, object]]
@@ -38,16 +38,16 @@ class DefensePreset:
         return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "(defaults)"
 
 
-def presets() -> dict[str, DefensePreset]:
+def presets(*, registry: Registry[type[Defense]] = DEFENSES) -> dict[str, DefensePreset]:
     """Every preset of every registered defense (plugins included), by full name."""
     out: dict[str, DefensePreset] = {}
-    for name, cls in DEFENSES.items():
+    for name, cls in registry.items():
         for tag, values in cls.presets.items():
             out[f"{name}.{tag}"] = DefensePreset(f"{name}.{tag}", cls, values)
     return out
 
 
-def resolve(spec: str, overrides: Overrides | None = None) -> Defense:
+def resolve(spec: str, overrides: Overrides | None = None, *, registry: Registry[type[Defense]] = DEFENSES) -> Defense:
     """The defense named by `spec`, with `overrides` applied.
 
     Args:
@@ -66,9 +66,9 @@ def resolve(spec: str, overrides: Overrides | None = None) -> Defense:
     parts = [p.strip() for p in spec.split("+")]
     if not spec.strip() or any(not p for p in parts):
         raise ConfigError(f"invalid defense {spec!r}: give a name like 'dpsgd', 'dpsgd.eps8' or 'dpsgd+lora'")
-    looked_up = [_lookup(part) for part in parts]
+    looked_up = [_lookup(part, registry) for part in parts]
     if len(looked_up) > 1:
-        _check_combination(spec, [cls for cls, _, _ in looked_up])
+        _check_combination(spec, [cls for cls, _, _ in looked_up], registry)
     assigned = _assign(pairs, [cls for cls, _, _ in looked_up])
     built = []
     for (cls, preset_name, values), extra in zip(looked_up, assigned, strict=True):
@@ -83,9 +83,9 @@ def resolve(spec: str, overrides: Overrides | None = None) -> Defense:
     return built[0] if len(built) == 1 else ComposedDefense(built)
 
 
-def valid_combinations() -> list[str]:
+def valid_combinations(*, registry: Registry[type[Defense]] = DEFENSES) -> list[str]:
     """Every pair of registered defenses that composes, as `a+b`."""
-    candidates = [cls for _, cls in DEFENSES.items() if _composable(cls)]
+    candidates = [cls for _, cls in registry.items() if _composable(cls)]
     return [
         f"{a.name}+{b.name}"
         for a, b in itertools.combinations(sorted(candidates, key=lambda c: c.name), 2)
@@ -109,27 +109,27 @@ def _pairs(overrides: Overrides | None) -> list[tuple[str, object]]:
     return items
 
 
-def _lookup(part: str) -> tuple[type[Defense], str | None, Mapping[str, Any]]:
-    if part in DEFENSES:
-        return DEFENSES.get(part), None, {}
-    table = presets()
+def _lookup(part: str, registry: Registry[type[Defense]]) -> tuple[type[Defense], str | None, Mapping[str, Any]]:
+    if part in registry:
+        return registry.get(part), None, {}
+    table = presets(registry=registry)
     if part in table:
         return table[part].defense, part, table[part].values
     try:
-        DEFENSES.get(part)  # a plugin that failed to load raises PluginError here
+        registry.get(part)  # a plugin that failed to load raises PluginError here
     except RegistryError:
         pass
-    known = DEFENSES.names() + sorted(table)
+    known = registry.names() + sorted(table)
     close = difflib.get_close_matches(part, known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     disabled = " (plugin autoloading is disabled by BENCHMARK_DISABLE_PLUGINS)" if plugins_disabled() else ""
     raise ConfigError(
-        f"unknown defense {part!r}{hint} available: {', '.join(DEFENSES.names())}; "
+        f"unknown defense {part!r}{hint} available: {', '.join(registry.names())}; "
         f"presets: {', '.join(sorted(table)) or '(none)'}{disabled}"
     )
 
 
-def _check_combination(spec: str, classes: list[type[Defense]]) -> None:
+def _check_combination(spec: str, classes: list[type[Defense]], registry: Registry[type[Defense]]) -> None:
     reason = None
     names = [cls.name for cls in classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -151,7 +151,7 @@ def _check_combination(spec: str, classes: list[type[Defense]]) -> None:
     if reason is not None:
         raise ConfigError(
             f"invalid defense combination {spec!r}: {reason}. "
-            f"Valid pairs: {', '.join(valid_combinations()) or '(none)'}"
+            f"Valid pairs: {', '.join(valid_combinations(registry=registry)) or '(none)'}"
         )
 
 
