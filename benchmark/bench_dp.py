@@ -1,6 +1,6 @@
 """DP-SGD step time relative to the same non-private step, on the embedded default model.
 
-    python -m benchmark.bench_dp                    # resolution 16, batch 25, as the default preset
+    python -m benchmark.bench_dp                    # resolution and batch of the default preset
     python -m benchmark.bench_dp --lora-rank 4      # DP-LoRA against LoRA
     python -m benchmark.bench_dp --steps 30 --threads 2
 
@@ -37,6 +37,7 @@ class StepTimes:
     steps: int
     threads: int
     lora_rank: int | None
+    grad_sample_mode: str
     trainable_parameters: int
 
     def to_dict(self) -> dict[str, object]:
@@ -62,21 +63,29 @@ def _state(model, images, captions, config, hooks: list[TrainingHooks]) -> Train
 
 def measure(
     *,
-    resolution: int = 16,
-    batch_size: int = 25,
+    resolution: int | None = None,
+    batch_size: int | None = None,
     steps: int = 12,
     warmup: int = 2,
     threads: int = 1,
     lora_rank: int | None = None,
+    grad_sample_mode: str = "hooks",
     seed: int = 0,
 ) -> StepTimes:
-    """Time `steps` plain and `steps` private steps, alternately, after `warmup` of each."""
+    """Time `steps` plain and `steps` private steps, alternately, after `warmup` of each.
+
+    `resolution` and `batch_size` default to the default preset's (the embedded default).
+    """
+    from benchmark.config import preset
     from benchmark.data.base import images_to_tensor
     from benchmark.data.scenes import ScenesDataset
     from benchmark.models.tiny import TinyModelConfig, build_tiny_model
     from defenses.dpsgd import DPSGDConfig, DPSGDHooks
     from defenses.lora import LoRAConfig, LoRAHooks
 
+    default = preset("default")
+    resolution = resolution if resolution is not None else default.resolution
+    batch_size = batch_size if batch_size is not None else default.finetune.batch_size
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -89,7 +98,8 @@ def measure(
             model = build_tiny_model(corpus=captions, resolution=resolution, config=TinyModelConfig(), seed=seed)
             hooks: list[TrainingHooks] = [LoRAHooks(LoRAConfig(rank=lora_rank))] if lora_rank else []
             if private:
-                hooks.append(DPSGDHooks(DPSGDConfig(target_epsilon=None, noise_multiplier=1.0)))
+                dp = DPSGDConfig(target_epsilon=None, noise_multiplier=1.0, grad_sample_mode=grad_sample_mode)  # type: ignore[arg-type]
+                hooks.append(DPSGDHooks(dp))
             state = _state(model, images, captions[: len(images)], config, hooks)
             # The step the training loop takes: the DP hooks' own, or the plain recipe's.
             stepper = hooks[-1] if private else TrainingHooks()
@@ -129,6 +139,7 @@ def measure(
             steps=steps,
             threads=threads,
             lora_rank=lora_rank,
+            grad_sample_mode=grad_sample_mode,
             trainable_parameters=trainable,
         )
     finally:
@@ -137,11 +148,12 @@ def measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.bench_dp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the default preset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the default preset's fine-tuning batch")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--lora-rank", type=int, default=None, help="compare DP-LoRA with LoRA at this rank")
+    parser.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch"])
     args = parser.parse_args(argv)
     times = measure(
         resolution=args.resolution,
@@ -149,12 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         threads=args.threads,
         lora_rank=args.lora_rank,
+        grad_sample_mode=args.grad_sample_mode,
     )
     kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full UNet"
     print(
         f"{kind}, {times.resolution} px, batch {times.batch_size}, {times.threads} thread(s), "
-        f"{times.trainable_parameters:,} trainable parameters: plain step {times.plain_s * 1000:.1f} ms, "
-        f"DP-SGD step {times.dp_s * 1000:.1f} ms, ratio {times.ratio:.2f}x (median of {times.steps})"
+        f"{times.trainable_parameters:,} trainable parameters, {times.grad_sample_mode}: "
+        f"plain step {times.plain_s * 1000:.1f} ms, DP-SGD step {times.dp_s * 1000:.1f} ms, "
+        f"ratio {times.ratio:.2f}x (median of {times.steps})"
     )
     return 0
 

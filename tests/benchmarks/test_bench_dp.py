@@ -1,6 +1,6 @@
 """DP-SGD step time against the non-private step (pytest-benchmark; timed with --benchmark-enable).
 
-The figure worth quoting comes from the embedded default (16 px, batch 25):
+The figure worth quoting comes from the embedded default (the default preset):
     python -m benchmark.bench_dp --steps 30
 This test runs the same measurement at 8 px so that the suite stays fast.
 """
