@@ -274,3 +274,56 @@ def test_every_registered_defense_produces_a_record(name: str, micro_run, tmp_pa
     for which in ("target", "shadow"):
         assert name in data["training"][which]["defense_details"], which
     assert data["config"]["defense"] == name
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--defense", "dpsgd", "--defense-arg", "target_epsilon=-1"], "target_epsilon must be a finite number > 0"),
+        (["--defense", "dpsgd", "--defense-arg", "target_epsilon"], "is not KEY=VALUE"),
+        (["--defense", "lora", "--defense-arg", "rnak=4"], "unknown defense argument 'rnak'; valid keys: alpha,"),
+        (["--defense", "lora+lora"], "Valid pairs: "),
+        (["--defense", "dpsgd.eps9"], "did you mean 'dpsgd.eps"),
+    ],
+)
+def test_cli_rejects_bad_defense_input_before_training(
+    flags: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from benchmark.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    results = tmp_path / "results"
+    code = main(
+        ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(tmp_path), *flags]
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not results.exists() and not (tmp_path / "base-tiny").exists()
+
+
+def test_cli_defense_args_reach_the_run_config() -> None:
+    import argparse
+
+    from benchmark.cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    from benchmark.cli import _add_run_parser
+
+    _add_run_parser(sub)
+    args = parser.parse_args(
+        ["run", "--preset", "micro", "--defense", "dpsgd.eps8+lora.r4", "--defense-arg", "lora.rank=8",
+         "--defense-arg", "delta=1e-4"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.defense == "dpsgd.eps8+lora.r4"
+    assert config.defense_args == (("lora.rank", "8"), ("delta", "1e-4"))
+    assert config.validate() is config
+    defense = resolve(config.defense, config.defense_args)
+    assert defense.describe()["config"] == {  # type: ignore[comparison-overlap]
+        "dpsgd": dataclasses.asdict(DPSGDConfig(target_epsilon=8.0, delta=1e-4)),
+        "lora": dataclasses.asdict(LoRAConfig(rank=8)),
+    }

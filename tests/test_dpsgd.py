@@ -109,6 +109,23 @@ def test_target_epsilon_is_met(tiny_model_dir: Path, data) -> None:  # type: ign
     assert dp["target_epsilon"] == 4.0 and dp["sample_rate"] == 1.0 and dp["steps"] == 2
     # The calibration's binary search stops within 0.01 below the target.
     assert 3.9 <= dp["epsilon"] <= 4.0 + 0.01
+    # The (cached) calibration is the one make_private_with_epsilon performs.
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    layer = torch.nn.Linear(2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, optimizer, _ = PrivacyEngine(accountant="prv").make_private_with_epsilon(
+            module=layer,
+            optimizer=torch.optim.SGD(layer.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.zeros(12, 2)), batch_size=12),
+            target_epsilon=4.0,
+            target_delta=dp["delta"],
+            epochs=2,
+            max_grad_norm=1.0,
+        )
+    assert optimizer.noise_multiplier == dp["noise_multiplier"]
     assert _pld_epsilon(dp["noise_multiplier"], 1.0, 2, dp["delta"]) == pytest.approx(dp["epsilon"], abs=PLD_TOLERANCE)
 
 
