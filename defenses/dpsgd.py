@@ -102,6 +102,7 @@ class DPSGDConfig(DefenseConfig):
             raise ConfigError(f"dpsgd max_physical_batch_size must be >= 1, got {self.max_physical_batch_size}")
 
 
+@functools.cache
 def _fast_dp_optimizer_class() -> type:
     from opacus.optimizers import DPOptimizer
 

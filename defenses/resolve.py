@@ -226,10 +226,15 @@ def _as_type(raw: object, hint: Any) -> object:
                 return choice
         raise ValueError(f"choose one of {', '.join(map(str, args))}")
     if origin is tuple:
-        items = [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else list(raw)  # type: ignore[call-overload]
-        item_type = args[0] if args else str
-        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
-            return tuple(_as_type(item, item_type) for item in items)
+        if isinstance(raw, str):  # "a, b" -> ("a", "b")
+            items: list[object] = [part.strip() for part in raw.split(",") if part.strip()]
+        elif isinstance(raw, tuple | list):
+            items = list(raw)
+        else:
+            raise ValueError("expected comma-separated values")
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        if variadic:
+            return tuple(_as_type(item, args[0]) for item in items)
         if len(items) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values")
         return tuple(_as_type(item, arg) for item, arg in zip(items, args, strict=True))
