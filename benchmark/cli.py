@@ -69,6 +69,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--query-access", help="text (the paper's attack, default) or img2img (recorded separately)")
     p.add_argument("--strength", type=float, help="img2img noise strength in (0, 1] (default 0.5)")
     p.add_argument("--shadow", help="aware (default: the shadow uses the target's defense) or naive")
+    p.add_argument(
+        "--public",
+        type=int,
+        help="public split size (pretrains the tiny model, the cnn encoder and the tiny captioner)",
+    )
     p.add_argument("--shadow-members", type=int, help="shadow model members (default: --members)")
     p.add_argument("--shadow-nonmembers", type=int, help="shadow non-members held out by the attacker")
     p.add_argument("--query-batch", type=int, help="queries per model call (x generations images per batch)")
@@ -108,6 +113,7 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "img2img_strength": args.strength,
         "members": args.members,
         "nonmembers": args.nonmembers,
+        "public": args.public,
         "shadow_members": args.shadow_members,
         "shadow_nonmembers": args.shadow_nonmembers,
         "query_batch": args.query_batch,

@@ -164,12 +164,12 @@ class RunConfig:
 
     @property
     def public_split_size(self) -> int:
-        """The public split is drawn for the tiny model and for attack components trained on it."""
-        needed = (
-            self.model == "tiny"
-            or encoder_needs_public(self.encoder)
-            or (self.scenario.caption_source is CaptionSource.CAPTIONER and captioner_needs_public(self.captioner))
-        )
+        """The public split is drawn for the tiny model and for attack components trained on it.
+
+        It does not depend on the scenario: runs of different scenarios must attack
+        the same target members.
+        """
+        needed = self.model == "tiny" or encoder_needs_public(self.encoder) or captioner_needs_public(self.captioner)
         return self.public if needed else 0
 
     @property
@@ -214,7 +214,9 @@ def _micro() -> RunConfig:
         generations_per_query=2,
         encoder_training=EncoderTraining(epochs=1),
         captioner_training=CaptionerTraining(pretrain_epochs=2, finetune_epochs=2, hf_finetune_epochs=1),
-        pretrain=TrainConfig(epochs=2, batch_size=32, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=False),
+        pretrain=TrainConfig(
+            epochs=2, batch_size=32, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=False
+        ),
         finetune=TrainConfig(epochs=3, batch_size=8, learning_rate=2e-3),
         sampling=SamplingConfig(num_inference_steps=4),
     )
