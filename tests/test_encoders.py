@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.distances import DISTANCES
 from attacks.encoders import (
     ENCODERS,
     EncoderRequest,
@@ -18,6 +17,7 @@ from attacks.encoders import (
     check_encoder_request,
     inspect_vision_folder,
 )
+from attacks.testing import EncoderContract
 from attacks.training_data import TrainingData
 from benchmark.errors import BenchmarkError, ConfigError, ModelError
 
@@ -49,34 +49,37 @@ def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def requests(public: TrainingData, vit_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EncoderRequest:
-    """One request every registered encoder can build from (tiny training for `cnn`)."""
-    return EncoderRequest(
-        path=vit_dir,
-        public=public,
-        cache_dir=tmp_path_factory.mktemp("encoder-cache"),
-        training=EncoderTraining(epochs=1),
-    )
+class TestContract_pixels(EncoderContract):
+    name = "pixels"
 
 
-@pytest.mark.parametrize("name", ENCODERS.names())
-def test_encoder_contract(name: str, requests: EncoderRequest) -> None:
-    encoder = build_encoder(name, requests)
-    images = _images(5)
-    emb = encoder.embed(images)
-    assert isinstance(emb, torch.Tensor) and emb.dtype == torch.float32
-    assert emb.ndim == 3 and emb.shape[0] == 5 and emb.shape[1] >= 1 and emb.shape[2] >= 1
-    assert torch.isfinite(emb).all()
-    # Deterministic and independent of batching.
-    torch.testing.assert_close(encoder.embed(images), emb)
-    torch.testing.assert_close(encoder.embed(images[2:3]), emb[2:3], atol=1e-5, rtol=1e-5)
-    # An image is most similar to itself.
-    similarity = DISTANCES.get("cosine")(emb.unsqueeze(1), emb.unsqueeze(0))
-    assert (similarity.diagonal() >= similarity.max(dim=1).values - 1e-5).all()
-    described = encoder.describe()
-    assert described["name"] == name == encoder.name
-    json.dumps(described, allow_nan=False)
+class TestContract_cnn(EncoderContract):
+    name = "cnn"
+
+    def request(self, tmp_path: Path) -> EncoderRequest:
+        from benchmark.data.scenes import ScenesDataset
+
+        ds = ScenesDataset(resolution=8, size=32)
+        public = TrainingData.from_arrays(
+            np.stack([ds.image(i) for i in range(32)]), [ds.caption(i) for i in range(32)], name="scenes-32"
+        )
+        return EncoderRequest(public=public, cache_dir=tmp_path, training=EncoderTraining(epochs=1))
+
+
+class TestContract_hf(EncoderContract):
+    name = "hf"
+
+    def request(self, tmp_path: Path) -> EncoderRequest:
+        from transformers import ViTConfig, ViTModel
+
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(intermediate_size=32, **TINY_VISION)).save_pretrained(tmp_path / "vit")
+        return EncoderRequest(path=tmp_path / "vit")
+
+
+def test_every_registered_encoder_has_a_contract_test() -> None:
+    tested = {cls.name for cls in EncoderContract.__subclasses__() if cls.__module__ == __name__}
+    assert tested == set(ENCODERS.names())
 
 
 def test_cnn_encoder_is_trained_cached_and_keyed_by_inputs(public: TrainingData, tmp_path: Path) -> None:
