@@ -168,3 +168,16 @@ def test_cli_runs_one_cell_of_the_matrix(micro_run, tmp_path: Path, capsys, monk
     data = load_record(path)
     assert (data["attack"]["scenario"], data["attack"]["attack_model"]) == ("I", "classifier")
     assert "attack_auc" in capsys.readouterr().err
+
+
+def test_cli_runs_several_cells_and_prints_the_matrix(micro_run, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("COLUMNS", "400")
+    results = tmp_path / "results"
+    argv = ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--no-control"]
+    argv += ["--cache-dir", str(micro_run.cache_dir), "--scenario", "I,III", "--attack-model", "all"]
+    assert main(argv) == 0
+    records = [load_record(p) for p in _files(results) if p.suffix == ".json"]
+    cells = sorted((r["attack"]["scenario"], r["attack"]["attack_model"]) for r in records)
+    assert cells == sorted((s, a) for s in ("I", "III") for a in ATTACK_MODELS.names())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "one record per (scenario, attack model)" in err and err.count("result written to") == 6
