@@ -48,10 +48,10 @@ def _fine_tune(model_dir: Path, data, spec: str, overrides: dict[str, str], conf
 
 @pytest.fixture(scope="module")
 def prv_run(tiny_model_dir: Path, data):  # type: ignore[no-untyped-def]
-    # 12 members, batch 4: sample rate 1/3, 3 epochs of 3 logical batches.
+    # 12 members, batch 4: sample rate 1/3, 2 epochs of 3 logical batches.
     filters = len(warnings.filters)
     run = _fine_tune(
-        tiny_model_dir, data, "dpsgd.sigma1", {}, TrainConfig(epochs=3, batch_size=4, learning_rate=1e-3, seed=3)
+        tiny_model_dir, data, "dpsgd.sigma1", {}, TrainConfig(epochs=2, batch_size=4, learning_rate=1e-3, seed=3)
     )
     assert len(warnings.filters) == filters, "the temporary warning filter must be removed"
     return run
@@ -75,7 +75,7 @@ def test_recorded_epsilon_matches_an_independent_pld_accountant(prv_run) -> None
     assert dp["accountant"] == "prv"
     assert dp["noise_multiplier"] == 1.0 and dp["clipping_norm"] == 1.0
     assert dp["sample_rate"] == pytest.approx(1 / 3)
-    assert dp["steps"] == 9 == result.report.steps  # empty Poisson batches are steps too
+    assert dp["steps"] == 6 == result.report.steps  # empty Poisson batches are steps too
     assert dp["delta"] == pytest.approx(1 / 120)  # default 1/(10 N)
     independent = _pld_epsilon(dp["noise_multiplier"], dp["sample_rate"], dp["steps"], dp["delta"])
     assert abs(dp["epsilon"] - independent) <= PLD_TOLERANCE, (dp["epsilon"], independent)
@@ -153,7 +153,7 @@ def test_memory_manager_splits_logical_batches(prv_run, tiny_model_dir: Path, da
         data,
         "dpsgd.sigma1",
         {"max_physical_batch_size": "2"},
-        TrainConfig(epochs=3, batch_size=4, learning_rate=1e-3, seed=3),
+        TrainConfig(epochs=2, batch_size=4, learning_rate=1e-3, seed=3),
     )
     whole, parts = result.details["dpsgd"], split.details["dpsgd"]
     assert parts["largest_physical_batch"] == 2 < whole["largest_physical_batch"]
