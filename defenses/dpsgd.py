@@ -196,7 +196,9 @@ class DPSGDHooks(TrainingHooks):
         self._parameters = state.parameters
         # The dataset is the members' positions: a batch of indices selects latents and contexts.
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=train_config.batch_size)
-        noise = None if cfg.secure_mode else torch.Generator().manual_seed(train_config.seed + 7919)
+        device = state.parameters[0].device if state.parameters else torch.device("cpu")
+        # Opacus draws the noise on the parameters' device, so its generator lives there too.
+        noise = None if cfg.secure_mode else torch.Generator(device=device).manual_seed(train_config.seed + 7919)
         common = {
             "module": state.model.unet,
             "optimizer": state.optimizer,
