@@ -1,0 +1,587 @@
+"""Utility of a (defended) model: FID, KID and CLIP score, offline and comparable.
+
+No Inception or CLIP weights can be downloaded, so the embedded default measures
+with a small reference CLIP model (transformers' `CLIPModel`) trained
+contrastively on the public split and cached in `save_pretrained` format. Its own
+zero-shot caption retrieval accuracy on held-out public data is recorded, so a
+reader can judge the ruler. FID and KID are torchmetrics' implementations fed the
+reference model's image embeddings; CLIP score is torchmetrics' `CLIPScore`
+(100 x cosine, clipped at 0). With `--clip-model DIR` (a local CLIP folder) the
+same code runs on that model; with `--fid-weights PATH` FID/KID use torchmetrics'
+Inception network (needs torch-fidelity).
+
+Protocol: one image per utility-eval caption (disjoint from members), a fixed
+seed for every defense; the real images are those of the same utility split. The
+record names the feature network and the sha256 of its weights file: figures
+from different feature networks are never comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.cache import cached
+from benchmark.errors import ConfigError, ModelError
+
+REPORT_FILE = "reference_report.json"
+INCEPTION_FEATURES = 2048
+
+
+@dataclass(frozen=True)
+class ReferenceClipTraining:
+    """Architecture and training of the reference CLIP model (trained on the public split)."""
+
+    image_size: int = 16
+    patch_size: int = 4
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 2
+    projection_dim: int = 64
+    max_caption_tokens: int = 32
+    tokenizer_vocab_size: int = 400
+    steps: int = 200
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    held_out_fraction: float = 0.1
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UtilitySettings:
+    """What the utility stage measures and with which networks."""
+
+    kid_subset_size: int = 50
+    kid_subsets: int = 100
+    seed: int = 0
+    clip_model: Path | None = None
+    fid_weights: Path | None = None
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with its processor, how it is named in records, and its weights hash."""
+
+    model: Any  # transformers.CLIPModel
+    processor: Any  # transformers.CLIPProcessor
+    name: str
+    weights_sha256: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UtilityResult:
+    fid: float
+    kid_mean: float
+    kid_std: float
+    clip_score: float
+    details: dict[str, Any]
+
+    def metrics(self) -> dict[str, Any]:
+        """Headline figures for the record (benchmark.results.Metric), named after their feature network."""
+        from benchmark.results import Metric
+
+        net = self.details["feature_network"]["name"]
+        n = self.details["n_generated"]
+        return {
+            "fid": Metric(self.fid, False, f"FID on {net}, {n} generated vs {self.details['n_real']} real"),
+            "kid": Metric(
+                self.kid_mean,
+                False,
+                f"KID mean on {net} (std {self.kid_std:.4g}, subset {self.details['kid_subset_size']})",
+            ),
+            "clip_score": Metric(
+                self.clip_score,
+                True,
+                f"100 x cosine(image, caption) clipped at 0, {self.details['clip_model']['name']}",
+            ),
+        }
+
+
+# --- the reference CLIP model ---------------------------------------------------------------
+
+
+def _clip_config(tokenizer: Any, t: ReferenceClipTraining) -> Any:
+    from transformers import CLIPConfig
+
+    common = {
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.hidden_size * 4,
+        "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads,
+    }
+    return CLIPConfig(
+        text_config={
+            **common,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": t.max_caption_tokens,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**common, "image_size": t.image_size, "patch_size": t.patch_size},
+        projection_dim=t.projection_dim,
+    )
+
+
+def _processor(tokenizer: Any, image_size: int) -> Any:
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _pixels(images: np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W, 3) in [0, 1] -> CLIP pixel values at `size` px, normalised to [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2.0 - 1.0
+
+
+def _tokens(tokenizer: Any, captions: Sequence[str], max_length: int) -> Any:
+    return tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+
+
+def train_reference_clip(
+    images: np.ndarray,
+    captions: Sequence[str],
+    training: ReferenceClipTraining,
+    *,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train the reference model contrastively; returns (model, processor, report).
+
+    The last `held_out_fraction` of the data (after a seeded shuffle) is held out
+    for the zero-shot retrieval figure.
+    """
+    from transformers import CLIPModel
+
+    from benchmark.models.tiny import TinyModelConfig, build_tokenizer
+
+    torch.manual_seed(training.seed)
+    rng = np.random.default_rng(training.seed)
+    order = rng.permutation(len(captions))
+    n_held = max(2, int(round(len(order) * training.held_out_fraction))) if len(order) >= 4 else 0
+    train_idx, held_idx = order[: len(order) - n_held], order[len(order) - n_held :]
+    tokenizer = build_tokenizer(
+        [captions[i] for i in train_idx],
+        TinyModelConfig(
+            tokenizer_vocab_size=training.tokenizer_vocab_size, max_caption_tokens=training.max_caption_tokens
+        ),
+    )
+    model = CLIPModel(_clip_config(tokenizer, training))
+    pixels = _pixels(images, training.image_size)
+    tokens = _tokens(tokenizer, captions, training.max_caption_tokens)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=training.learning_rate, total_steps=max(1, training.steps), pct_start=0.1
+    )
+    model.train()
+    losses: list[float] = []
+    for step in range(training.steps):
+        batch = torch.from_numpy(rng.choice(train_idx, size=min(training.batch_size, len(train_idx)), replace=False))
+        out = model(
+            input_ids=tokens.input_ids[batch],
+            attention_mask=tokens.attention_mask[batch],
+            pixel_values=pixels[batch],
+            return_loss=True,
+        )
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(float(out.loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, training.steps, losses[-1])
+    model.eval()
+    report: dict[str, Any] = {
+        "training": training.to_dict(),
+        "train_pairs": len(train_idx),
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+    }
+    if n_held:
+        report["retrieval"] = retrieval_accuracy(
+            model, tokenizer, pixels[held_idx], [captions[i] for i in held_idx], training.max_caption_tokens
+        )
+    return model, _processor(tokenizer, training.image_size), report
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: Any, tokenizer: Any, pixels: torch.Tensor, captions: Sequence[str], max_length: int
+) -> dict[str, float | int]:
+    """Zero-shot caption retrieval: for each image, is its own caption the closest of all candidates?"""
+    tokens = _tokens(tokenizer, captions, max_length)
+    image = _features(model.get_image_features(pixel_values=pixels))
+    text = _features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+    sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    ranks = (sims > sims.diag()[:, None]).sum(dim=1)
+    n = len(captions)
+    return {
+        "candidates": n,
+        "top1": float((ranks < 1).float().mean()),
+        "top5": float((ranks < 5).float().mean()),
+        "chance_top1": 1.0 / n,
+    }
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(
+        f"{folder} has no model.safetensors or pytorch_model.bin; give a CLIP folder saved with save_pretrained"
+    )
+
+
+def reference_clip(
+    *,
+    public: Any,  # attacks.training_data.TrainingData
+    cache_dir: Path,
+    training: ReferenceClipTraining,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> ClipBundle:
+    """The reference CLIP model for `public`, trained once and cached (a corrupt entry is rebuilt)."""
+    import transformers
+
+    inputs = {
+        "public": public.fingerprint,
+        "training": training.to_dict(),
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+    }
+
+    def build(folder: Path) -> None:
+        images, captions = public.loaded
+        model, processor, report = train_reference_clip(images, captions, training, on_step=on_step)
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+    def load(folder: Path) -> ClipBundle:
+        bundle = load_clip_folder(folder)
+        bundle.name = "reference-clip"
+        bundle.details = {**json.loads((folder / REPORT_FILE).read_text()), **bundle.details}
+        return bundle
+
+    bundle, hit, entry = cached(Path(cache_dir), "utility-clip", inputs, build, load)
+    bundle.details.update(from_cache=hit, cache_key=entry.name)
+    return bundle
+
+
+def load_clip_folder(folder: Path) -> ClipBundle:
+    """A local CLIP folder (model + processor, save_pretrained layout); never downloads.
+
+    Raises:
+        ModelError: the folder is missing or is not a CLIP model with its processor.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"--clip-model {folder}: no such folder; give a local CLIP folder (save_pretrained layout)")
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type != "clip":
+        raise ModelError(
+            f"--clip-model {folder} is not a CLIP model (config.json model_type {model_type!r}, expected 'clip'); "
+            "give a folder such as a local copy of openai/clip-vit-large-patch14"
+        )
+    weights = _weights_file(folder)
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"--clip-model {folder}: could not load the CLIP model and its processor "
+            f"(tokenizer and preprocessor_config.json are needed): {exc}"
+        ) from None
+    return ClipBundle(
+        model=model,
+        processor=processor,
+        name=str(getattr(model.config, "_name_or_path", "") or folder.name),
+        weights_sha256=sha256_file(weights),
+        details={"weights_file": weights.name},
+    )
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+class _ClipAdapter(nn.Module):
+    """Presents a CLIP model to torchmetrics with get_*_features returning tensors."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _features(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _features(self.model.get_text_features(*args, **kwargs))
+
+
+class ClipImageFeatures(nn.Module):
+    """Feature network for torchmetrics FID/KID: (N, 3, H, W) floats in [0, 1] -> CLIP image embeddings."""
+
+    def __init__(self, bundle: ClipBundle) -> None:
+        super().__init__()
+        self.model = bundle.model
+        vision = bundle.model.config.vision_config
+        self.image_size = int(vision.image_size)
+        processor = bundle.processor.image_processor
+        self.register_buffer("mean", torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.num_features = int(bundle.model.config.projection_dim)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+        x = (x - self.mean) / self.std
+        return _features(self.model.get_image_features(pixel_values=x))
+
+
+def fid_kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    feature: nn.Module | int,
+    *,
+    kid_subset_size: int,
+    kid_subsets: int,
+    seed: int,
+    fid_weights: Path | None = None,
+) -> tuple[float, float, float]:
+    """(FID, KID mean, KID std) of two (N, 3, H, W) image sets in [0, 1], via torchmetrics.
+
+    Raises:
+        ConfigError: fewer samples than the KID subset size.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(real), len(fake))
+    if n < kid_subset_size:
+        raise ConfigError(
+            f"KID needs at least kid_subset_size={kid_subset_size} images per side, got {len(real)} real and "
+            f"{len(fake)} generated; raise --utility (samples) or lower --kid-subset-size"
+        )
+    if n < 2:
+        raise ConfigError("FID needs at least 2 images per side; raise --utility")
+    extra: dict[str, Any] = {}
+    if isinstance(feature, int) and fid_weights is not None:
+        extra["feature_extractor_weights_path"] = str(fid_weights)
+    fid = FrechetInceptionDistance(feature=feature, normalize=True, **extra)
+    kid = KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=kid_subset_size, normalize=True)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    fid_value = float(fid.compute())
+    # KID draws its subsets from torch's global generator: seed it without disturbing the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return fid_value, float(kid_mean), float(kid_std)
+
+
+def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str]) -> float:
+    """torchmetrics' CLIPScore: max(100 x mean cosine(image, caption), 0); images (N, 3, H, W) in [0, 1]."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=lambda: (_ClipAdapter(bundle.model), bundle.processor))
+    # uint8, as torchmetrics expects: the processor rescales by 1/255 (and resizes through PIL).
+    metric.update(list((images * 255.0).round().clamp(0, 255).to(torch.uint8)), list(captions))
+    return float(metric.compute())
+
+
+def check_fid_weights(path: Path) -> None:
+    """A usable Inception weights file for torchmetrics' FID (torch-fidelity's FID Inception).
+
+    Raises:
+        ConfigError: missing file, not a state dict of the right shape, or torch-fidelity absent.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--fid-weights {path}: no such file; give torch-fidelity's FID Inception weights "
+            "(pt_inception-2015-12-05-6726825d.pth)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the same user error
+        raise ConfigError(f"--fid-weights {path} is not a PyTorch weights file: {exc}") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or tuple(fc.shape)[-1] != INCEPTION_FEATURES:
+        shape = None if fc is None else tuple(fc.shape)
+        raise ConfigError(
+            f"--fid-weights {path} is not an Inception-v3 state dict (fc.weight shape {shape}, expected (*, 2048)); "
+            "give torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth)"
+        )
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError(
+            "--fid-weights needs torch-fidelity for torchmetrics' Inception network: pip install torch-fidelity "
+            "(or pip install 'torchmetrics[image]')"
+        )
+
+
+def check_settings(settings: UtilitySettings, *, samples: int) -> None:
+    """Validate before any training: sample counts, KID subset, the standard-network paths."""
+    if samples < 2:
+        raise ConfigError(f"utility metrics need at least 2 utility-eval samples, got {samples}; raise --utility")
+    if settings.kid_subset_size < 1 or settings.kid_subsets < 1:
+        raise ConfigError("kid_subset_size and kid_subsets must be >= 1")
+    if samples < settings.kid_subset_size:
+        raise ConfigError(
+            f"KID subset size {settings.kid_subset_size} is larger than the {samples} utility-eval samples; "
+            "raise --utility or lower --kid-subset-size"
+        )
+    if settings.fid_weights is not None:
+        check_fid_weights(settings.fid_weights)
+    if settings.clip_model is not None:
+        folder = Path(settings.clip_model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"--clip-model {folder}: no config.json there; give a local CLIP folder")
+
+
+def measure(
+    *,
+    bundle: ClipBundle,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    captions: Sequence[str],
+    settings: UtilitySettings,
+) -> UtilityResult:
+    """FID, KID and CLIP score of generated images `fake` (for `captions`) against `real`; NCHW in [0, 1]."""
+    if settings.fid_weights is not None:
+        check_fid_weights(settings.fid_weights)
+        feature: nn.Module | int = INCEPTION_FEATURES
+        feature_name = "inception-v3-compat (torch-fidelity)"
+        feature_hash = sha256_file(Path(settings.fid_weights).expanduser())
+    else:
+        feature = ClipImageFeatures(bundle)
+        feature_name = f"{bundle.name} image embeddings"
+        feature_hash = bundle.weights_sha256
+    fid, kid_mean, kid_std = fid_kid(
+        real,
+        fake,
+        feature,
+        kid_subset_size=settings.kid_subset_size,
+        kid_subsets=settings.kid_subsets,
+        seed=settings.seed,
+        fid_weights=settings.fid_weights,
+    )
+    score = clip_score(bundle, fake, captions)
+    details = {
+        "feature_network": {
+            "name": feature_name,
+            "weights_sha256": feature_hash,
+            "dim": INCEPTION_FEATURES if isinstance(feature, int) else feature.num_features,
+        },
+        "clip_model": {"name": bundle.name, "weights_sha256": bundle.weights_sha256, **bundle.details},
+        "n_real": len(real),
+        "n_generated": len(fake),
+        "kid_subset_size": settings.kid_subset_size,
+        "kid_subsets": settings.kid_subsets,
+        "seed": settings.seed,
+        "fid": fid,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "clip_score": score,
+        "note": "FID is biased upwards at small N; compare only figures with the same feature network and counts",
+    }
+    return UtilityResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, clip_score=score, details=details)
+
+
+def measure_utility(
+    *,
+    model: Any,  # benchmark.models.diffusion.DiffusionModel
+    real: Sequence[np.ndarray],
+    captions: Sequence[str],
+    public: Any | None,
+    cache_dir: Path,
+    training: ReferenceClipTraining,
+    settings: UtilitySettings,
+    sampling: Any,  # benchmark.target.SamplingConfig
+    progress: Callable[..., None] | None = None,
+) -> UtilityResult:
+    """The utility stage of a run: one image per utility-eval caption with a fixed seed, then the metrics.
+
+    Raises:
+        ConfigError: no public split for the reference model, or bad settings.
+    """
+    from benchmark.models.diffusion import generate
+
+    check_settings(settings, samples=len(captions))
+    if settings.clip_model is not None:
+        bundle = load_clip_folder(settings.clip_model)
+    else:
+        if public is None:
+            raise ConfigError("the reference CLIP model is trained on the public split, but this run has none")
+        steps = training.steps
+        if progress is not None:
+            progress(0, total=steps + 2)
+        bundle = reference_clip(
+            public=public,
+            cache_dir=cache_dir,
+            training=training,
+            on_step=(lambda step, total, loss: progress(info=f"reference CLIP loss {loss:.3f}")) if progress else None,
+        )
+    generated = generate(
+        model,
+        list(captions),
+        seed=settings.seed,
+        num_inference_steps=sampling.num_inference_steps,
+        guidance_scale=sampling.guidance_scale,
+        batch_size=sampling.batch_size,
+    )
+    if progress is not None:
+        progress(info="generated")
+    fake = generated.float().clamp(-1, 1).add(1).div(2)
+    real_t = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in real])).permute(0, 3, 1, 2)
+    result = measure(bundle=bundle, real=real_t, fake=fake, captions=captions, settings=settings)
+    result.details["generation"] = {
+        "seed": settings.seed,
+        "num_inference_steps": sampling.num_inference_steps,
+        "guidance_scale": sampling.guidance_scale,
+        "captions": "utility-eval split (disjoint from members)",
+    }
+    if progress is not None:
+        progress(info="measured")
+    return result
