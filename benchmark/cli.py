@@ -30,6 +30,7 @@ RUN_EXAMPLES = """examples:
   python -m benchmark run --scenario II --attack-model classifier --no-captioner-finetune
   python -m benchmark run --query-access img2img --strength 0.3 --shadow naive
   python -m benchmark run --encoder hf --encoder-path ~/models/deit-base-patch16-224
+  python -m benchmark run --clip-model ~/models/clip-vit-large-patch14 --fid-weights ~/models/pt_inception.pth
 """
 
 
@@ -88,6 +89,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--inference-steps", type=int, help="DDIM steps per generation")
     p.add_argument("--seed", type=int, help="run seed (splits of the private pool, training, sampling)")
     p.add_argument("--no-control", action="store_true", help="skip attacking the base model")
+    p.add_argument("--no-utility", action="store_true", help="skip FID, KID and CLIP score of the target")
+    p.add_argument("--clip-model", type=Path, help="local CLIP folder for CLIP score (default: the reference model)")
+    p.add_argument("--fid-weights", type=Path, help="Inception weights file for FID/KID (needs torch-fidelity)")
+    p.add_argument("--kid-subset-size", type=int, help="KID subset size (<= --utility samples; default 50)")
+    p.add_argument("--utility", type=int, help="utility-eval captions/images (one generation each)")
     p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
     p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -122,6 +128,10 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "seed": args.seed,
         "results_dir": args.results_dir,
         "cache_dir": args.cache_dir,
+        "clip_model": args.clip_model,
+        "fid_weights": args.fid_weights,
+        "kid_subset_size": args.kid_subset_size,
+        "utility": args.utility,
     }
     changes = {k: v for k, v in simple.items() if v is not None}
     scenarios, attack_models = cells_from_args(args)
@@ -142,6 +152,8 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         changes["captioner_finetune"] = False
     if args.no_baseline:
         changes["baseline"] = False
+    if args.no_utility:
+        changes["utility_metrics"] = False
     if args.defense_arg:
         changes["defense_args"] = tuple(_key_value(item) for item in args.defense_arg)
     ft: dict[str, object] = {}

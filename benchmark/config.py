@@ -23,6 +23,7 @@ from benchmark.finetune import TrainConfig
 from benchmark.models.registry import MODELS
 from benchmark.registry import RegistryError
 from benchmark.target import SamplingConfig
+from benchmark.utility import ReferenceClipTraining, UtilitySettings, check_settings
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class RunConfig:
     seed: int = 0
     public_seed: int = 0
     control: bool = field(default=True, metadata={"help": "also attack the base model (should sit near AUC 0.5)"})
+    utility_metrics: bool = field(default=True, metadata={"help": "measure FID, KID and CLIP score of the target"})
+    clip_model: Path | None = field(default=None, metadata={"help": "local CLIP folder (None: the reference model)"})
+    fid_weights: Path | None = field(default=None, metadata={"help": "Inception weights for FID/KID (torch-fidelity)"})
+    kid_subset_size: int = field(default=50, metadata={"help": "KID subset size (<= utility samples)"})
+    reference_clip: ReferenceClipTraining = ReferenceClipTraining()
     results_dir: Path = Path("results")
     cache_dir: Path | None = field(default=None, metadata={"help": "None: $BENCHMARK_CACHE_DIR or ~/.cache"})
 
@@ -134,7 +140,18 @@ class RunConfig:
         if self.model == "tiny" and self.public < 1:
             raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
         self.validate_attack()
+        if self.utility_metrics:
+            check_settings(self.utility_settings, samples=self.utility)
         return self
+
+    @property
+    def utility_settings(self) -> UtilitySettings:
+        return UtilitySettings(
+            kid_subset_size=self.kid_subset_size,
+            seed=self.seed,
+            clip_model=self.clip_model,
+            fid_weights=self.fid_weights,
+        )
 
     def validate_attack(self) -> None:
         """The attack's settings: budgets, the shadow's member-set size, encoder and captioner folders."""
@@ -170,6 +187,8 @@ class RunConfig:
         the same target members.
         """
         needed = self.model == "tiny" or encoder_needs_public(self.encoder) or captioner_needs_public(self.captioner)
+        # The reference CLIP model of the utility metrics is trained on it too.
+        needed = needed or (self.utility_metrics and self.clip_model is None)
         return self.public if needed else 0
 
     @property
@@ -211,6 +230,8 @@ def _micro() -> RunConfig:
         shadow_members=8,
         shadow_nonmembers=8,
         utility=8,
+        kid_subset_size=4,
+        reference_clip=ReferenceClipTraining(steps=3, batch_size=32),
         generations_per_query=2,
         encoder_training=EncoderTraining(epochs=1),
         captioner_training=CaptionerTraining(pretrain_epochs=2, finetune_epochs=2, hf_finetune_epochs=1),

@@ -69,6 +69,8 @@ class ResultRecord:
     control: dict[str, Any] | None = None
     # The model-free baseline: the same attack model on query-image features alone.
     baseline: dict[str, Any] | None = None
+    # FID, KID and CLIP score of the target, with the feature network and sample counts.
+    utility: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 

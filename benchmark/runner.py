@@ -61,6 +61,7 @@ from benchmark.results import (
     write_record,
 )
 from benchmark.target import BlackBoxTarget
+from benchmark.utility import UtilityResult, measure_utility
 from defenses import DEFENSES, Defense, resolve
 
 ROC_SUFFIX = ".roc.png"
@@ -176,6 +177,20 @@ def run_matrix(
                     seed=config.public_seed,
                 ),
             )
+        utility = None
+        if config.utility_metrics:
+            with timer.stage("utility") as advance:
+                utility = measure_utility(
+                    model=target.model,
+                    real=[dataset.image(i) for i in splits.utility],
+                    captions=[dataset.caption(i) for i in splits.utility],
+                    public=public_data,
+                    cache_dir=config.cache_path,
+                    training=config.reference_clip,
+                    settings=config.utility_settings,
+                    sampling=config.sampling,
+                    progress=advance,
+                )
         shared_timings = {k: round(v, 3) for k, v in timer.timings.items()}
 
         target_queries, target_labels = _target_queries(dataset, splits, seed=config.seed)
@@ -298,6 +313,7 @@ def run_matrix(
                         base_scores=base_scores,
                         baseline=(baseline_shadow, baseline_target) if baseline_shadow is not None else None,
                         timings=timings,
+                        utility=utility,
                     )
                 )
             for record, plot in records:
@@ -356,6 +372,7 @@ def _cell_record(
     base_scores: ScoredQueries | None,
     baseline: tuple[np.ndarray, np.ndarray] | None,
     timings: dict[str, float],
+    utility: UtilityResult | None = None,
 ) -> tuple[ResultRecord, bytes]:
     """Fit one attack model on the shadow, apply it once to the target, and build the record."""
     bootstrap = BootstrapSpec(n_resamples=config.bootstrap_resamples, seed=config.seed)
@@ -466,7 +483,8 @@ def _cell_record(
         privacy=privacy.to_dict(),
         control=control.to_dict() if control is not None else None,
         baseline=baseline_privacy.to_dict() if baseline_privacy is not None else None,
-        metrics=_headline_metrics(privacy, control, baseline_privacy),
+        metrics={**_headline_metrics(privacy, control, baseline_privacy), **(utility.metrics() if utility else {})},
+        utility=utility.details if utility is not None else None,
         timings_s=timings,
         peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         notes=_notes(privacy, config),
