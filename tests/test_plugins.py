@@ -6,11 +6,11 @@ import importlib.util
 import json
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import types
 import uuid
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -158,27 +158,28 @@ def test_a_defense_that_raises_fails_the_run_cleanly(micro_run, tmp_path: Path, 
 
 
 @pytest.fixture(scope="module")
-def installed_plugin():  # type: ignore[no-untyped-def]
+def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pip-install the example plugin into a private prefix; returns its site-packages folder.
+
+    A private prefix, not the shared environment: nothing to uninstall afterwards, and
+    two test sessions running at once cannot uninstall the plugin under each other.
+    The subprocesses add the folder with `site.addsitedir` (which runs the editable
+    install's .pth file), exactly as an installed package would be seen.
+    """
     if importlib.util.find_spec("pip") is None:
         pytest.skip("pip is not available to install the example plugin")
-    try:
-        metadata.distribution(PLUGIN_DIST)
-        preinstalled = True
-    except metadata.PackageNotFoundError:
-        preinstalled = False
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    prefix = tmp_path_factory.mktemp("plugin-prefix")
     install = subprocess.run(
-        [*pip, "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(PLUGIN_DIR)],
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "--no-deps",
+         "--no-build-isolation", "-q", "--prefix", str(prefix), "-e", str(PLUGIN_DIR)],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert install.returncode == 0, f"pip install -e {PLUGIN_DIR} failed:\n{install.stdout}\n{install.stderr}"
-    try:
-        yield
-    finally:
-        if not preinstalled:
-            subprocess.run([*pip, "uninstall", "-y", "-q", PLUGIN_DIST], capture_output=True, timeout=300)
+    site_packages = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+    assert any(site_packages.glob("mia_bench_weight_decay-*.dist-info")), sorted(site_packages.iterdir())
+    return site_packages
 
 
 def _clean_env(cache_dir: Path) -> dict[str, str]:
@@ -198,7 +199,9 @@ def test_example_plugin_installs_passes_its_contract_and_runs_end_to_end(
     results = tmp_path / "results"
     script = textwrap.dedent(
         f"""
-        import sys, pytest, torch
+        import site, sys
+        site.addsitedir({str(installed_plugin)!r})
+        import pytest, torch
         torch.set_num_threads(1)
         from benchmark.cli import main
         code = pytest.main(["-q", "-p", "no:cacheprovider", {str(PLUGIN_DIR / "tests")!r}])
