@@ -76,7 +76,7 @@ class RunConfig:
     # The text encoder stays at its random initialisation: trained jointly at this size it
     # collapsed captions that differ in one word onto one embedding.
     pretrain: TrainConfig = TrainConfig(
-        epochs=45, batch_size=64, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=False, lr_warmup_steps=100
+        epochs=30, batch_size=64, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=False, lr_warmup_steps=100
     )
     # Memorisation sets in late (as in the paper's 500-epoch regime): 600 epochs of 32 members.
     finetune: TrainConfig = TrainConfig(epochs=600, batch_size=32, learning_rate=3e-3)
