@@ -1,0 +1,469 @@
+"""Build LEADERBOARD.md from a results folder: find, validate, group, aggregate, render.
+
+A pure function of the folder: the same records give the same bytes (sorted, no clock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmark.errors import BenchmarkError
+from benchmark.results import RecordError, validate
+
+PLOTS_DIRNAME = "leaderboard_plots"
+LOW_FPRS = (0.01, 0.001)
+NO_UTILITY = ("", "")
+
+
+class LeaderboardError(BenchmarkError):
+    """The leaderboard cannot be built (no records, output not writable)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Entry:
+    """One valid record, reduced to what the leaderboard shows."""
+
+    path: str
+    dataset: str
+    scenario: str
+    defense: str
+    attack_model: str
+    seed: int
+    auc: float
+    auc_ci: tuple[float, float] | None
+    # target FPR -> (tpr, ci, n_nonmembers, supported)
+    tpr: dict[float, tuple[float, tuple[float, float] | None, int, bool]]
+    epsilon: float | None
+    utility_key: tuple[str, str]
+    fid: float | None
+    kid: float | None
+    clip: float | None
+    labels: list[int]
+    scores: list[float]
+
+
+@dataclass
+class Row:
+    defense: str
+    seeds: list[int]
+    attack_models: list[str]
+    cells: dict[str, str] = field(default_factory=dict)
+    auc: float = math.nan
+    fid: float | None = None
+    clip: float | None = None
+    pareto: bool = False
+
+
+@dataclass
+class Table:
+    dataset: str
+    scenario: str
+    utility_key: tuple[str, str]
+    rows: list[Row]
+
+
+@dataclass
+class Leaderboard:
+    markdown: str
+    tables: list[Table]
+    entries: list[Entry]
+    skipped: list[Skipped]
+    plots: dict[str, bytes]
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
+    """Every *.json under `results_dir`, sorted; invalid ones are skipped with a reason."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise LeaderboardError(
+            f"results folder {results_dir} does not exist; run `python -m benchmark run` first or pass --results-dir"
+        )
+    files = sorted(
+        (p for p in results_dir.rglob("*.json") if p.is_file() and not p.name.startswith(".tmp-")),
+        key=lambda p: p.relative_to(results_dir).as_posix(),
+    )
+    entries: list[Entry] = []
+    skipped: list[Skipped] = []
+    for path in files:
+        rel = path.relative_to(results_dir).as_posix()
+        try:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RecordError(f"{rel}: cannot read ({exc.__class__.__name__})") from None
+            except json.JSONDecodeError as exc:
+                raise RecordError(
+                    f"{rel}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt"
+                ) from None
+            validate(data, source=rel)
+            entries.append(_entry(rel, data))
+        except RecordError as exc:
+            skipped.append(Skipped(rel, str(exc)))
+        except (KeyError, TypeError, ValueError) as exc:
+            skipped.append(Skipped(rel, f"{rel}: unexpected content ({exc.__class__.__name__}: {exc})"))
+    return entries, skipped
+
+
+def defense_label(defense: dict[str, Any]) -> str:
+    name = str(defense["name"])
+    preset = defense.get("preset")
+    if preset:
+        return f"{name}.{preset}"
+    config = defense.get("config") or {}
+    if config:
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{name} (config {digest})"
+    return name
+
+
+def _find_epsilon(details: Any) -> float | None:
+    if isinstance(details, dict):
+        value = details.get("epsilon")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        for key in sorted(details):
+            found = _find_epsilon(details[key])
+            if found is not None:
+                return found
+    return None
+
+
+def _ci(value: Any) -> tuple[float, float] | None:
+    if isinstance(value, list) and len(value) == 2:
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _entry(rel: str, data: dict[str, Any]) -> Entry:
+    privacy = data["privacy"]
+    tpr: dict[float, tuple[float, tuple[float, float] | None, int, bool]] = {}
+    for item in privacy["tpr_at_fpr"]:
+        tpr[float(item["target_fpr"])] = (
+            float(item["tpr"]),
+            _ci(item.get("ci")),
+            int(item["n_nonmembers"]),
+            bool(item["supported"]),
+        )
+    utility = data.get("utility")
+    if utility:
+        network = utility["feature_network"]
+        key = (str(network["name"]), str(network["weights_sha256"]))
+        fid, kid, clip = float(utility["fid"]), float(utility["kid_mean"]), float(utility["clip_score"])
+    else:
+        key, fid, kid, clip = NO_UTILITY, None, None, None
+    target = (data.get("training") or {}).get("target") or {}
+    attack = data["attack"]
+    seeds = data["seeds"]
+    seed = seeds.get("seed", min(seeds.values()) if seeds else 0)
+    return Entry(
+        path=rel,
+        dataset=str(data["components"]["dataset"]["name"]),
+        scenario=str(attack["scenario"]),
+        defense=defense_label(data["components"]["defense"]),
+        attack_model=str(attack["attack_model"]),
+        seed=int(seed),
+        auc=float(privacy["auc"]),
+        auc_ci=_ci(privacy.get("auc_ci")),
+        tpr=tpr,
+        epsilon=_find_epsilon(target.get("defense_details")),
+        utility_key=key,
+        fid=fid,
+        kid=kid,
+        clip=clip,
+        labels=[int(v) for v in attack["labels"]],
+        scores=[float(v) for v in attack["membership_scores"]],
+    )
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def escape(text: object) -> str:
+    """Make a name or note safe inside a markdown table cell or heading."""
+    s = str(text).replace("\r\n", " ").replace("\r", " ").replace("\n", " ").replace("\t", " ")
+    s = html.escape(s, quote=True)
+    s = s.replace("\\", "\\\\")
+    for ch in "|`*_[]#~":
+        s = s.replace(ch, f"&#{ord(ch)};")
+    return s
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _fmt(values: list[float], digits: int = 3, ci: tuple[float, float] | None = None) -> str:
+    mean, std = _mean_std(values)
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if ci is not None:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _envelope(cis: list[tuple[float, float] | None]) -> tuple[float, float] | None:
+    """Widest interval over seeds (min low, max high); None unless every seed has one."""
+    if not cis or any(c is None for c in cis):
+        return None
+    return min(c[0] for c in cis if c), max(c[1] for c in cis if c)
+
+
+def _per_seed(entries: list[Entry]) -> dict[int, list[Entry]]:
+    out: dict[int, list[Entry]] = defaultdict(list)
+    for e in entries:
+        out[e.seed].append(e)
+    return dict(sorted(out.items()))
+
+
+def _worst(by_model: dict[str, list[Entry]], metric: Any) -> tuple[str, list[Entry]]:
+    """The attack model with the highest mean of `metric` over seeds (ties: name order)."""
+    best_name, best_mean = "", -math.inf
+    for name in sorted(by_model):
+        values = [v for v in (metric(e) for e in by_model[name]) if v is not None]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        if mean > best_mean:
+            best_name, best_mean = name, mean
+    return best_name, by_model.get(best_name, [])
+
+
+def _fpr_label(fpr: float) -> str:
+    return f"{fpr * 100:g}%"
+
+
+def _row(defense: str, entries: list[Entry]) -> Row:
+    by_model: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_model[e.attack_model].append(e)
+    seeds = sorted({e.seed for e in entries})
+    row = Row(defense=defense, seeds=seeds, attack_models=sorted(by_model))
+
+    model, chosen = _worst(by_model, lambda e: e.auc)
+    aucs = [e.auc for e in chosen]
+    row.auc = statistics.fmean(aucs)
+    row.cells["auc"] = _fmt(aucs, ci=_envelope([e.auc_ci for e in chosen]))
+    row.cells["auc_model"] = escape(model)
+    for fpr in LOW_FPRS:
+        model, chosen = _worst(by_model, lambda e, f=fpr: e.tpr[f][0] if f in e.tpr else None)
+        items = [e.tpr[fpr] for e in chosen if fpr in e.tpr]
+        if not items:
+            row.cells[f"tpr{fpr}"] = "–"
+            continue
+        n = min(i[2] for i in items)
+        supported = all(i[3] for i in items)
+        text = _fmt([i[0] for i in items], ci=_envelope([i[1] for i in items]))
+        text += f" (n₀={n}{'' if supported else ', †'})"
+        if len(by_model) > 1:
+            text += f" {escape(model)}"
+        row.cells[f"tpr{fpr}"] = text
+
+    # One target model per seed: utility and epsilon do not depend on the attack model.
+    per_seed = _per_seed(entries)
+    eps = [v for v in (_first(s, lambda e: e.epsilon) for s in per_seed.values()) if v is not None]
+    row.cells["eps"] = _fmt(eps, digits=2) if eps else "–"
+    fids = [v for v in (_first(s, lambda e: e.fid) for s in per_seed.values()) if v is not None]
+    kids = [v for v in (_first(s, lambda e: e.kid) for s in per_seed.values()) if v is not None]
+    clips = [v for v in (_first(s, lambda e: e.clip) for s in per_seed.values()) if v is not None]
+    row.fid = statistics.fmean(fids) if fids else None
+    row.clip = statistics.fmean(clips) if clips else None
+    row.cells["fid"] = _fmt(fids, digits=2) if fids else "–"
+    row.cells["kid"] = _fmt(kids, digits=4) if kids else "–"
+    row.cells["clip"] = _fmt(clips, digits=2) if clips else "–"
+    return row
+
+
+def _first(entries: list[Entry], get: Any) -> float | None:
+    for e in sorted(entries, key=lambda e: (e.attack_model, e.path)):
+        value = get(e)
+        if value is not None:
+            return value
+    return None
+
+
+def pareto(points: list[tuple[float, ...]]) -> list[bool]:
+    """Non-dominated points, every coordinate lower-is-better."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            all(a <= b for a, b in zip(q, p, strict=True)) and any(a < b for a, b in zip(q, p, strict=True))
+            for j, q in enumerate(points)
+            if j != i
+        )
+        front.append(not dominated)
+    return front
+
+
+def aggregate(entries: list[Entry]) -> list[Table]:
+    groups: dict[tuple[str, str, tuple[str, str]], dict[str, list[Entry]]] = defaultdict(lambda: defaultdict(list))
+    for e in entries:
+        groups[(e.dataset, e.scenario, e.utility_key)][e.defense].append(e)
+    tables = []
+    for dataset, scenario, key in sorted(groups):
+        rows = [_row(defense, items) for defense, items in sorted(groups[(dataset, scenario, key)].items())]
+        with_fid = [r for r in rows if r.fid is not None]
+        if with_fid:
+            use_clip = all(r.clip is not None for r in with_fid)
+            points = [(r.auc, r.fid, -r.clip if use_clip else 0.0) for r in with_fid]  # type: ignore[operator]
+            for r, on_front in zip(with_fid, pareto(points), strict=True):
+                r.pareto = on_front
+        tables.append(Table(dataset, scenario, key, rows))
+    return tables
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def slug(*parts: str) -> str:
+    text = "-".join(parts)
+    clean = re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+    if clean != text:
+        clean += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return clean
+
+
+def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[str, ...], str]) -> str:
+    out = [
+        "# Leaderboard",
+        "",
+        "Generated by `python -m leaderboard build` from the result records; do not edit by hand.",
+        "",
+        "- Privacy: the attack's ROC AUC and TPR at low FPR on the target, the **worst case (max) over attack "
+        "models** (the attack model behind the AUC is named; for TPR it is named when there are several). "
+        "Lower is better (↓); 0.5 AUC is chance.",
+        "- Figures are mean ± std over seeds (std 0 with one seed); [low, high] is the 95% bootstrap interval "
+        "(the widest over seeds) where records carry one.",
+        "- n₀ is the number of non-members behind a TPR@FPR figure; † marks a figure those non-members "
+        "cannot support (fewer than 1/FPR).",
+        "- ε: DP-SGD privacy budget spent, where the defense has one.",
+        "- Utility (FID ↓, KID ↓, CLIP score ↑) is only compared within one feature network (weights hash); "
+        "records measured with another network get their own table.",
+        "- ★ marks the privacy-utility Pareto front (lower AUC, lower FID, higher CLIP score).",
+        "",
+    ]
+    header = (
+        "| defense | seeds | attack models | AUC ↓ | worst attack (AUC) | TPR@1%FPR ↓ | TPR@0.1%FPR ↓ | ε ↓ "
+        "| FID ↓ | KID ↓ | CLIP score ↑ | Pareto |"
+    )
+    sep = "|" + "---|" * 12
+    last_section = None
+    for table in tables:
+        section = (table.dataset, table.scenario)
+        if section != last_section:
+            out += [f"## {escape(table.dataset)}, scenario {escape(table.scenario)}", ""]
+            roc = plot_links.get(("roc", *section))
+            if roc:
+                out += [f"ROC curves (log-log): ![ROC {escape(table.dataset)} {escape(table.scenario)}]({roc})", ""]
+            last_section = section
+        if table.utility_key == NO_UTILITY:
+            out += ["No utility measured (no `utility` section in these records).", ""]
+        else:
+            name, digest = table.utility_key
+            out += [f"Utility feature network: {escape(name)} (weights sha256 `{escape(digest[:16])}`).", ""]
+        out += [header, sep]
+        for r in table.rows:
+            mark = "★" if r.pareto else ""
+            out.append(
+                f"| {escape(r.defense)} | {len(r.seeds)} | {len(r.attack_models)} | {r.cells['auc']} "
+                f"| {r.cells['auc_model']} | {r.cells['tpr0.01']} | {r.cells['tpr0.001']} | {r.cells['eps']} "
+                f"| {r.cells['fid']} | {r.cells['kid']} | {r.cells['clip']} | {mark} |"
+            )
+        out.append("")
+        trade = plot_links.get(("tradeoff", table.dataset, table.scenario, *table.utility_key))
+        if trade:
+            out += [f"Privacy-utility trade-off: ![trade-off]({trade})", ""]
+    if skipped:
+        out += ["## Skipped files", "", "| file | reason |", "|---|---|"]
+        for s in skipped:
+            out.append(f"| {escape(s.path)} | {escape(s.reason)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def build(results_dir: Path, output: Path | None = None, *, plots: bool = True) -> Leaderboard:
+    """Build the leaderboard in memory (markdown and PNGs); nothing is written.
+
+    Raises:
+        LeaderboardError: the folder is missing or holds no valid record.
+    """
+    results_dir = Path(results_dir)
+    entries, skipped = collect(results_dir)
+    if not entries:
+        why = (
+            f"; {len(skipped)} file(s) skipped:\n" + "\n".join(f"  {s.reason}" for s in skipped)
+            if skipped
+            else " (no *.json files found)"
+        )
+        raise LeaderboardError(f"no valid result records under {results_dir}{why}")
+    tables = aggregate(entries)
+    images: dict[str, bytes] = {}
+    links: dict[tuple[str, ...], str] = {}
+    if plots:
+        from leaderboard import plots as plotting
+
+        for table in tables:
+            if any(r.fid is not None for r in table.rows):
+                name = f"{PLOTS_DIRNAME}/tradeoff-{slug(table.dataset, table.scenario, table.utility_key[1][:12])}.png"
+                images[name] = plotting.tradeoff(table)
+                links[("tradeoff", table.dataset, table.scenario, *table.utility_key)] = name
+        sections = sorted({(e.dataset, e.scenario) for e in entries})
+        for dataset, scenario in sections:
+            chosen = [e for e in entries if e.dataset == dataset and e.scenario == scenario]
+            png = plotting.roc(chosen, f"{dataset}, scenario {scenario}")
+            if png is not None:
+                name = f"{PLOTS_DIRNAME}/roc-{slug(dataset, scenario)}.png"
+                images[name] = png
+                links[("roc", dataset, scenario)] = name
+    markdown = render(tables, skipped, links)
+    return Leaderboard(markdown=markdown, tables=tables, entries=entries, skipped=skipped, plots=images)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write(board: Leaderboard, output: Path) -> None:
+    """Write the markdown and its plots next to it (each file atomically).
+
+    Raises:
+        LeaderboardError: the output location is not writable.
+    """
+    output = Path(output)
+    try:
+        if output.is_dir():
+            raise OSError(f"{output} is a folder")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for name, data in sorted(board.plots.items()):
+            target = output.parent / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target, data)
+        _atomic_write(output, board.markdown.encode())
+    except OSError as exc:
+        raise LeaderboardError(f"cannot write the leaderboard to {output}: {exc}; pass a writable --output") from exc

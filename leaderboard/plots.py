@@ -1,0 +1,99 @@
+"""Leaderboard plots (matplotlib Agg, PNG bytes without timestamps or version metadata)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from leaderboard.build import Entry, Table
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def tradeoff(table: Table) -> bytes:
+    """Attack AUC (worst case) against FID, one point per defense preset, Pareto front drawn."""
+    rows = [r for r in table.rows if r.fid is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.scatter(r.fid, r.auc, marker="*" if r.pareto else "o", s=90 if r.pareto else 40)
+        ax.annotate(r.defense, (r.fid, r.auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = sorted((r.fid, r.auc) for r in rows if r.pareto)
+    if len(front) > 1:
+        ax.step(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            where="post",
+            color="black",
+            lw=1,
+            ls="--",
+            label="Pareto front",
+        )
+        ax.legend(loc="best", fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(f"FID ↓ ({table.utility_key[0]})")
+    ax.set_ylabel("attack AUC ↓ (worst case over attack models)")
+    ax.set_title(f"{table.dataset}, scenario {table.scenario}: privacy-utility trade-off", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def roc_curve(labels: list[int], scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = np.cumsum(1 - y)[distinct]
+    pos, neg = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
+    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
+
+
+def roc(entries: list[Entry], title: str) -> bytes | None:
+    """Log-log ROC curves, one colour per defense preset and attack model, one line per seed."""
+    curves: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        if e.labels and len(set(e.labels)) == 2 and len(e.labels) == len(e.scores):
+            curves[(e.defense, e.attack_model)].append(e)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 5))
+    floor = 1.0
+    for index, key in enumerate(sorted(curves)):
+        colour = f"C{index % 10}"
+        for n, e in enumerate(sorted(curves[key], key=lambda e: (e.seed, e.path))):
+            fpr, tpr = roc_curve(e.labels, e.scores)
+            negatives = max(e.labels.count(0), 1)
+            low = 0.5 / negatives
+            floor = min(floor, low)
+            ax.plot(
+                np.maximum(fpr, low),
+                np.maximum(tpr, low),
+                color=colour,
+                lw=1,
+                label=f"{key[0]} / {key[1]}" if n == 0 else None,
+            )
+    ax.plot([floor, 1], [floor, 1], color="grey", ls=":", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1.05)
+    ax.set_xlabel("false positive rate (0 drawn at 0.5 / non-members)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"{title}: ROC (log-log)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
