@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -29,6 +30,7 @@ class TinyModelConfig:
     tokenizer_vocab_size: int = 400
     train_timesteps: int = 1000
     prediction_type: str = "v_prediction"
+    tokenizer_ids: str = "sorted"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -36,7 +38,14 @@ class TinyModelConfig:
 
 def build_tokenizer(corpus: Sequence[str], config: TinyModelConfig) -> CLIPTokenizer:
     """Train a CLIP BPE tokenizer on the captions locally (no download)."""
-    tokenizer = CLIPTokenizer().train_new_from_iterator(list(corpus), vocab_size=config.tokenizer_vocab_size)
+    trained = CLIPTokenizer().train_new_from_iterator(list(corpus), vocab_size=config.tokenizer_vocab_size)
+    # The BPE trainer hands out ids in hash-map order, which changes from call to call;
+    # renumbering the learned tokens in sorted order makes the model a function of its seed.
+    state = json.loads(trained.backend_tokenizer.to_str())
+    specials = [str(trained.bos_token), str(trained.eos_token)]
+    ordered = specials + sorted(token for token in state["model"]["vocab"] if token not in specials)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["model"]["merges"]]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(ordered)}, merges=merges)
     tokenizer.model_max_length = config.max_caption_tokens
     return tokenizer
 
