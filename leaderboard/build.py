@@ -6,7 +6,6 @@ A pure function of the folder: the same records give the same bytes (sorted, no 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import os
@@ -198,14 +197,13 @@ def _entry(rel: str, data: dict[str, Any]) -> Entry:
 # ---------------------------------------------------------------- aggregation
 
 
+_ESCAPES = {ch: f"&#{ord(ch)};" for ch in "|`*_[]#~\\<>&\"'"}
+_ESCAPES.update({"\r": " ", "\n": " ", "\t": " "})
+
+
 def escape(text: object) -> str:
-    """Make a name or note safe inside a markdown table cell or heading."""
-    s = str(text).replace("\r\n", " ").replace("\r", " ").replace("\n", " ").replace("\t", " ")
-    s = html.escape(s, quote=True)
-    s = s.replace("\\", "\\\\")
-    for ch in "|`*_[]#~":
-        s = s.replace(ch, f"&#{ord(ch)};")
-    return s
+    """Make a name or note safe inside a markdown table cell or heading (HTML entities, no raw markup)."""
+    return "".join(_ESCAPES.get(ch, ch) for ch in str(text))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,0 +1,240 @@
+"""The leaderboard: a pure function of a results folder of synthetic records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmark.results import validate
+from leaderboard.build import build, escape, pareto
+from leaderboard.cli import main
+
+
+def make_record(
+    *,
+    defense: str = "none",
+    preset: str | None = None,
+    seed: int = 0,
+    scenario: str = "I",
+    attack_model: str = "threshold",
+    auc: float = 0.8,
+    tpr1: float = 0.3,
+    fid: float | None = 10.0,
+    clip: float = 25.0,
+    epsilon: float | None = None,
+    network: tuple[str, str] = ("clip-ref", "a" * 64),
+    n_nonmembers: int = 8,
+) -> dict[str, Any]:
+    def comp(name: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "version": "1", "origin": "test", **extra}
+
+    labels = [1, 0] * n_nonmembers
+    scores = [float(i % 7) + (0.5 if lab else 0.0) for i, lab in enumerate(labels)]
+    tpr_items = [
+        {
+            "target_fpr": fpr,
+            "tpr": tpr1 if fpr == 0.01 else tpr1 / 2,
+            "realised_fpr": 0.0,
+            "threshold": 1.0,
+            "n_nonmembers": n_nonmembers,
+            "supported": n_nonmembers >= 1 / fpr,
+            "ci": [0.0, min(1.0, tpr1 + 0.1)],
+        }
+        for fpr in (0.01, 0.001)
+    ]
+    record: dict[str, Any] = {
+        "schema_version": 1,
+        "run_id": f"r-{defense}-{preset}-{seed}-{scenario}-{attack_model}".replace(" ", "_").replace("|", "_"),
+        "provenance": {
+            "package": "diffusion-mia-bench",
+            "package_version": "0.1.0",
+            "git_commit": None,
+            "created": "2026-01-01T00:00:00+00:00",
+            "python": "3.11",
+            "platform": "test",
+            "libraries": {},
+        },
+        "seeds": {"seed": seed, "shadow_seed": 10000 + seed},
+        "config": {},
+        "components": {
+            "dataset": comp("scenes"),
+            "model": comp("tiny"),
+            "defense": comp(defense, preset=preset, config={}),
+            "attack_model": comp(attack_model),
+            "encoder": comp("pixels"),
+        },
+        "splits": {"members": [], "nonmembers": []},
+        "training": {"target": {"defense_details": {defense: {"epsilon": epsilon}} if epsilon is not None else {}}},
+        "attack": {
+            "scenario": scenario,
+            "attack_model": attack_model,
+            "encoder": "pixels",
+            "distance": "cosine",
+            "generations_per_query": 2,
+            "query_access": "text",
+            "caption_source": "ground_truth",
+            "shadow_mode": "aware",
+            "queries_spent": len(labels),
+            "images_generated": 2 * len(labels),
+            "query_ids": [f"q{i}" for i in range(len(labels))],
+            "labels": labels,
+            "scores": [[s] for s in scores],
+            "membership_scores": scores,
+            "predictions": labels,
+        },
+        "privacy": {
+            "auc": auc,
+            "auc_ci": [max(0.0, auc - 0.1), min(1.0, auc + 0.1)],
+            "balanced_accuracy": auc,
+            "tpr_at_fpr": tpr_items,
+            "n_members": n_nonmembers,
+            "n_nonmembers": n_nonmembers,
+        },
+        "metrics": {"attack_auc": {"value": auc, "higher_is_better": False}},
+        "timings_s": {"total": 1.0},
+        "peak_memory_mb": 1.0,
+        "utility": None,
+        "notes": [],
+    }
+    if fid is not None:
+        record["utility"] = {
+            "feature_network": {"name": network[0], "weights_sha256": network[1]},
+            "clip_model": {"name": network[0], "weights_sha256": network[1]},
+            "n_real": 10,
+            "n_generated": 10,
+            "kid_subset_size": 5,
+            "kid_subsets": 2,
+            "seed": 0,
+            "fid": fid,
+            "kid_mean": fid / 1000,
+            "kid_std": 0.001,
+            "clip_score": clip,
+        }
+    return validate(record)
+
+
+def put(folder: Path, record: dict[str, Any]) -> Path:
+    c = record["components"]
+    path = (
+        folder / c["dataset"]["name"] / record["attack"]["scenario"] / c["defense"]["name"] / f"{record['run_id']}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    # none: leaky but best utility; dpsgd.eps1: private but poor utility; augment: dominated by none.
+    for seed, (a, f) in enumerate([(0.80, 10.0), (0.90, 12.0)]):
+        put(folder, make_record(defense="none", seed=seed, auc=a, fid=f, clip=30.0))
+        put(folder, make_record(defense="none", seed=seed, attack_model="mlp", auc=a - 0.2, fid=f, clip=30.0))
+    put(folder, make_record(defense="dpsgd", preset="eps1", auc=0.52, fid=40.0, clip=20.0, epsilon=1.0))
+    put(folder, make_record(defense="augment", preset="strong", auc=0.9, fid=20.0, clip=25.0))
+    bad = folder / "scenes" / "I" / "broken"
+    bad.mkdir(parents=True)
+    (bad / "corrupt.json").write_text('{"schema_version": 1, "run_id": ')
+    (bad / "foreign.json").write_text(json.dumps({"name": "package.json", "version": "1.0"}))
+    old = make_record(defense="none", seed=7)
+    old["schema_version"] = 0
+    (bad / "old.json").write_text(json.dumps(old))
+    return folder
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| defense") and not line.startswith("| file"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_build_skips_bad_files_and_marks_pareto(results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "LEADERBOARD.md"
+    assert main(["build", "--results-dir", str(results), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    for name in ("corrupt.json", "foreign.json", "old.json"):
+        assert f"scenes/I/broken/{name}" in err
+    assert "not valid JSON" in err and "schema_version 0" in err
+    md = out.read_text()
+    skipped = md.split("## Skipped files")[1]
+    assert all(f"| scenes/I/broken/{name} |" in skipped for name in ("corrupt.json", "foreign.json", "old.json"))
+    rows = _rows(md)
+    assert {"none", "dpsgd.eps1", "augment.strong"} <= set(rows)
+    # header: defense seeds models AUC worst TPR1 TPR01 eps FID KID CLIP Pareto
+    assert rows["none"][-1] == "★" and rows["dpsgd.eps1"][-1] == "★" and rows["augment.strong"][-1] == ""
+    assert rows["none"][4] == "threshold"  # worst case over attack models
+    assert rows["dpsgd.eps1"][7].startswith("1.00")
+    assert "†" in rows["none"][5] and "n₀=8" in rows["none"][5]
+    assert "AUC ↓" in md and "CLIP score ↑" in md and "clip-ref" in md
+    for link in [line.split("](")[1].rstrip(")") for line in md.splitlines() if "](" in line]:
+        assert (out.parent / link).is_file()
+
+
+def test_mean_and_std_over_two_seeds(results: Path):
+    rows = _rows(build(results, plots=False).markdown)
+    assert rows["none"][1] == "2"
+    assert rows["none"][3].startswith("0.850 ± 0.071")
+    assert rows["none"][8].startswith("11.00 ± 1.41")
+
+
+def test_malicious_defense_name_is_escaped(tmp_path: Path):
+    folder = tmp_path / "results"
+    evil = "x | y\n| z `code` <script>alert(1)</script>"
+    put(folder, make_record(defense="none"))
+    record = make_record(defense="none")
+    record["components"]["defense"]["name"] = evil
+    record["run_id"] = "evil"
+    (folder / "evil.json").write_text(json.dumps(record))
+    md = build(folder, plots=False).markdown
+    assert "<script>" not in md and "`code`" not in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "x &#124; y" in line]
+    assert len(table) == 1
+    header = next(line for line in md.splitlines() if line.startswith("| defense"))
+    assert table[0].count(" | ") == header.count(" | ")
+    assert escape("a|b") == "a&#124;b"
+
+
+def test_feature_networks_are_never_mixed(tmp_path: Path):
+    folder = tmp_path / "results"
+    put(folder, make_record(defense="none", fid=10.0))
+    put(folder, make_record(defense="lora", fid=99.0, network=("inception", "b" * 64)))
+    board = build(folder, plots=False)
+    assert len(board.tables) == 2
+    assert {t.utility_key[0] for t in board.tables} == {"clip-ref", "inception"}
+
+
+def test_regeneration_is_byte_identical(results: Path, tmp_path: Path):
+    first, second = tmp_path / "a" / "LB.md", tmp_path / "b" / "LB.md"
+    assert main(["build", "--results-dir", str(results), "--output", str(first)]) == 0
+    assert main(["build", "--results-dir", str(results), "--output", str(second)]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    pngs = sorted(p.relative_to(first.parent) for p in first.parent.rglob("*.png"))
+    assert pngs and pngs == sorted(p.relative_to(second.parent) for p in second.parent.rglob("*.png"))
+    for p in pngs:
+        assert (first.parent / p).read_bytes() == (second.parent / p).read_bytes()
+
+
+def test_empty_or_missing_folder_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    (tmp_path / "empty").mkdir()
+    assert main(["build", "--results-dir", str(tmp_path / "empty"), "--output", str(tmp_path / "o.md")]) != 0
+    assert "no valid result records" in capsys.readouterr().err
+    assert main(["build", "--results-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "o.md")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o.md").exists()
+
+
+def test_unwritable_output_is_a_clear_error(results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["build", "--results-dir", str(results), "--output", str(blocker / "LB.md"), "--no-plots"]) != 0
+    assert "cannot write the leaderboard" in capsys.readouterr().err
+
+
+def test_pareto_front():
+    assert pareto([(0.5, 40.0), (0.9, 10.0), (0.9, 20.0), (0.5, 40.0)]) == [True, True, False, True]
