@@ -289,3 +289,17 @@ def test_sd15_description_identifies_the_weights(tmp_path: Path, sd_scenes: Scen
     model.unet.save_pretrained(folder / "unet", safe_serialization=True)
     second = MODELS.get("sd15")(_request(sd_scenes, tmp_path, folder, 16), None).description
     assert first != second
+
+
+def test_tiny_model_is_a_function_of_its_seed() -> None:
+    """Same corpus and seed -> same tokenizer ids and weights (the BPE trainer's ids vary by call)."""
+    from benchmark.data.scenes import ScenesDataset
+    from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+
+    ds = ScenesDataset(resolution=8, size=200)
+    corpus = [ds.caption(i) for i in range(len(ds))]
+    first = build_tiny_model(corpus=corpus, resolution=8, config=TinyModelConfig(), seed=3)
+    second = build_tiny_model(corpus=corpus, resolution=8, config=TinyModelConfig(), seed=3)
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+    for (name, a), (_, b) in zip(first.unet.state_dict().items(), second.unet.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
