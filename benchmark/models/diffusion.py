@@ -167,17 +167,31 @@ def generate(
         latents = latents * scheduler.init_noise_sigma
         use_cfg = guidance_scale != 1.0
         context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
-        for t in scheduler.timesteps:
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            noise = unet(model_in, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                noise_uncond, noise_cond = noise.chunk(2)
-                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
+        latents = _denoise(unet, scheduler, latents, context, scheduler.timesteps, guidance_scale)
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+def _denoise(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    timesteps: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """DDIM from `latents` over `timesteps`; with guidance, `context` is [uncond; cond]."""
+    use_cfg = guidance_scale != 1.0
+    for t in timesteps:
+        model_in = torch.cat([latents, latents]) if use_cfg else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        prediction = unet(model_in, t, encoder_hidden_states=context).sample
+        if use_cfg:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents).prev_sample
+    return latents
 
 
 @torch.no_grad()
@@ -225,14 +239,7 @@ def img2img(
         noise = torch.randn(init.shape, generator=generator)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(chunk)))
         context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
-        for t in timesteps:
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            noise_pred = unet(model_in, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents).prev_sample
+        latents = _denoise(unet, scheduler, latents, context, timesteps, guidance_scale)
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
