@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -314,6 +315,15 @@ def _summary(entry: object) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def _quiet_library_chatter() -> None:
+    """Library notices that say nothing about the run would bury the progress display."""
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+    warnings.filterwarnings("ignore", message=".*`max_length` is ignored when `padding`.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
@@ -325,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_library_chatter()
     handlers = {"run": cmd_run, "list": cmd_list}
     try:
         return handlers[args.command](args, console)
