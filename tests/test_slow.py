@@ -5,9 +5,11 @@ Selected with `pytest -m slow`; set BENCHMARK_CACHE_DIR to reuse base and fine-t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.config import preset
 from benchmark.results import load_record
@@ -15,7 +17,13 @@ from benchmark.runner import run
 
 
 @pytest.mark.slow
-def test_default_preset_attack_beats_chance(tmp_path: Path, user_cache_dir: str | None) -> None:
+def test_default_preset_attack_beats_chance(
+    tmp_path: Path, user_cache_dir: str | None, request: pytest.FixtureRequest
+) -> None:
+    # conftest pins one thread for the shared fast suite; this test is the whole default run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     cache_dir = Path(user_cache_dir).expanduser().resolve() if user_cache_dir else tmp_path / "cache"
     config = preset("default").replace(results_dir=tmp_path / "results", cache_dir=cache_dir)
     outcome = run(config, show_progress=False)
