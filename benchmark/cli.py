@@ -1,4 +1,4 @@
-"""Subcommands: `run` (one defended fine-tune + attack + record) and `list` (registries)."""
+"""Subcommands: `run` (one defended fine-tune + attack + record), `suite` (grid of runs) and `list`."""
 
 from __future__ import annotations
 
@@ -98,6 +98,98 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
     p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+SUITE_EXAMPLES = """examples:
+  python -m benchmark suite                                  # every preset x scenario x attack model, seed 0
+  python -m benchmark suite --defenses none,dpsgd.eps8 --seeds 0,1,2
+  python -m benchmark suite --scenarios III --attack-models threshold --results-dir my-results
+  # resumable: run the same command again to finish an interrupted suite;
+  # two suites on one --results-dir (e.g. one per core) split the work between them
+"""
+
+
+def _add_suite_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "suite",
+        help="run every defense preset x scenario x attack model x seed (resumable)",
+        epilog=SUITE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="default", help="default | full | micro")
+    p.add_argument("--defenses", default="all", help="'all' (none + every registered preset) or a comma list")
+    p.add_argument("--scenarios", default="all", help="'all' or a comma list of I, II, III, IV")
+    p.add_argument("--attack-models", default="all", help="'all' or a comma list of threshold, distribution, ...")
+    p.add_argument("--seeds", default="0", help="comma list of run seeds")
+    p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
+    p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
+    p.add_argument("--summary", type=Path, help="also write the suite's summary (cells, stage times) as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from benchmark.config import preset
+    from benchmark.suite import SuiteSpec
+    from defenses import presets
+
+    config = preset(args.preset)
+    changes = {k: v for k, v in {"results_dir": args.results_dir, "cache_dir": args.cache_dir}.items() if v}
+    config = config.replace(**changes)
+    names = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    if names == ["all"]:
+        names = ["none", *presets()]
+    if not names:
+        raise ConfigError("--defenses is empty; give 'all' or a comma list such as none,dpsgd.eps8")
+    scenarios, attack_models = cells_from_args(
+        argparse.Namespace(scenario=args.scenarios, attack_model=args.attack_models)
+    )
+    try:
+        seeds = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r} is not a comma list of integers (e.g. 0,1,2)") from None
+    if not seeds or not scenarios or not attack_models:
+        raise ConfigError("--seeds, --scenarios and --attack-models need at least one value each")
+    return SuiteSpec(
+        config=config,
+        defenses=tuple(dict.fromkeys(names)),
+        scenarios=scenarios,
+        attack_models=attack_models,
+        seeds=seeds,
+    )
+
+
+def cmd_suite(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from benchmark.suite import run_suite
+
+    spec = suite_spec_from_args(args)
+    n_cells = len(spec.defenses) * len(spec.seeds) * len(spec.scenarios) * len(spec.attack_models)
+    console.print(
+        f"suite: {len(spec.defenses)} defense(s) x {len(spec.scenarios)} scenario(s) x "
+        f"{len(spec.attack_models)} attack model(s) x {len(spec.seeds)} seed(s) = {n_cells} cells "
+        f"-> {spec.config.results_dir}"
+    )
+    report = run_suite(spec, console=console, show_progress=not args.quiet)
+    table = Table(title=f"suite: {len(report.written)} written, {report.skipped} already done")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    total = sum(report.stage_seconds.values()) or 1.0
+    for stage, seconds in sorted(report.stage_seconds.items(), key=lambda kv: -kv[1]):
+        table.add_row(stage, f"{seconds:.0f}", f"{seconds / total:.0%}")
+    table.add_row("wall clock", f"{report.wall_seconds:.0f}", "")
+    console.print(table)
+    for label, seconds in report.unit_seconds.items():
+        console.print(f"  {escape(label)}: {seconds:.0f} s")
+    if args.summary is not None:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    for label in report.busy:
+        console.print(f"[yellow]left to another suite:[/] {escape(label)}")
+    for label, error in report.failed:
+        console.print(f"[red]failed:[/] {escape(label)}: {escape(error)}")
+    return 1 if report.failed else 0
 
 
 def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -331,12 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_suite_parser(sub)
     sub.add_parser("list", help="list datasets, models, defenses, attack models, encoders, scenarios, presets")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_library_chatter()
-    handlers = {"run": cmd_run, "list": cmd_list}
+    handlers = {"run": cmd_run, "suite": cmd_suite, "list": cmd_list}
     try:
         return handlers[args.command](args, console)
     except BenchmarkError as exc:

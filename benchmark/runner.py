@@ -191,6 +191,20 @@ def run_matrix(
                     sampling=config.sampling,
                     progress=advance,
                 )
+                if config.control:
+                    # The same protocol on the model before fine-tuning: the reference point
+                    # a defense's utility cost is read against.
+                    base_utility = measure_utility(
+                        model=base.load(),
+                        real=[dataset.image(i) for i in splits.utility],
+                        captions=[dataset.caption(i) for i in splits.utility],
+                        public=public_data,
+                        cache_dir=config.cache_path,
+                        training=config.reference_clip,
+                        settings=config.utility_settings,
+                        sampling=config.sampling,
+                    )
+                    utility = utility.with_base_model(base_utility)
         shared_timings = {k: round(v, 3) for k, v in timer.timings.items()}
 
         target_queries, target_labels = _target_queries(dataset, splits, seed=config.seed)

@@ -22,7 +22,7 @@ import hashlib
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,30 @@ class UtilityResult:
     clip_score: float
     details: dict[str, Any]
 
+    def with_base_model(self, base: UtilityResult) -> UtilityResult:
+        """This result with the base model's figures (same protocol and networks) attached as a control."""
+        if base.details["feature_network"] != self.details["feature_network"]:
+            raise ValueError("the base model's utility was measured with another feature network")
+        control = {k: base.details[k] for k in ("fid", "kid_mean", "kid_std", "clip_score")}
+        return replace(self, details={**self.details, "base_model": control})
+
     def metrics(self) -> dict[str, Any]:
         """Headline figures for the record (benchmark.results.Metric), named after their feature network."""
         from benchmark.results import Metric
 
         net = self.details["feature_network"]["name"]
         n = self.details["n_generated"]
+        controls = {}
+        if "base_model" in self.details:
+            base = self.details["base_model"]
+            controls = {
+                "control_fid_base_model": Metric(
+                    base["fid"], False, f"FID of the base model before fine-tuning, same protocol on {net}"
+                ),
+                "control_clip_score_base_model": Metric(
+                    base["clip_score"], True, "CLIP score of the base model before fine-tuning, same protocol"
+                ),
+            }
         return {
             "fid": Metric(self.fid, False, f"FID on {net}, {n} generated vs {self.details['n_real']} real"),
             "kid": Metric(
@@ -108,6 +126,7 @@ class UtilityResult:
                 True,
                 f"100 x cosine(image, caption) clipped at 0, {self.details['clip_model']['name']}",
             ),
+            **controls,
         }
 
 

@@ -1,0 +1,271 @@
+"""Grid runs: every defense preset x scenario x attack model x seed, resumable and safe to run twice at once.
+
+A suite is a list of units, one per (defense, seed): each unit fine-tunes one
+target (and its shadows) and runs `run_matrix` over the unit's missing cells.
+A cell is done when the results folder holds a valid record whose configuration
+matches the cell's; a resumed suite skips it. Each unit holds an exclusive
+`flock` on a lock file in the results folder while it runs, so two suites on one
+folder split the units between them instead of both doing (and writing) the same
+cells; the kernel drops the lock when a process dies, so a crash leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from attacks.scenarios import Scenario
+from benchmark.cache import cache_key
+from benchmark.config import RunConfig
+from benchmark.errors import ConfigError
+from benchmark.results import RecordError
+
+LOCK_DIR = ".locks"
+# Where a record's configuration may differ from the cell's without making it another cell.
+_NOT_PART_OF_A_CELL = ("results_dir", "cache_dir")
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """What a suite runs: the cross product of these lists on one base configuration."""
+
+    config: RunConfig
+    defenses: tuple[str, ...]
+    scenarios: tuple[Scenario, ...]
+    attack_models: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    def units(self) -> list[RunConfig]:
+        """One validated configuration per (defense, seed); scenario and attack model are the first cell's."""
+        return [
+            self.config.replace(
+                defense=d, seed=s, scenario=self.scenarios[0], attack_model=self.attack_models[0]
+            ).validate()
+            for d in self.defenses
+            for s in self.seeds
+        ]
+
+    def cells(self, unit: RunConfig) -> list[RunConfig]:
+        return [unit.replace(scenario=sc, attack_model=a) for sc in self.scenarios for a in self.attack_models]
+
+
+@dataclass
+class SuiteReport:
+    """What a suite did: cells written, skipped as already done, units left to another suite, failures."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: int = 0
+    busy: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    unit_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "written": [str(p) for p in self.written],
+            "skipped": self.skipped,
+            "busy": self.busy,
+            "failed": [{"unit": u, "error": e} for u, e in self.failed],
+            "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
+            "unit_seconds": {k: round(v, 1) for k, v in self.unit_seconds.items()},
+            "wall_seconds": round(self.wall_seconds, 1),
+        }
+
+
+def cell_key(config: RunConfig | dict[str, Any]) -> str:
+    """Identity of a cell: its whole configuration except where results and caches live."""
+    data = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    for name in _NOT_PART_OF_A_CELL:
+        data.pop(name, None)
+    # JSON round trip: tuples and lists, paths and strings compare equal, as they do in a record.
+    return cache_key(json.loads(json.dumps(data, default=str)))
+
+
+def finished_cells(results_dir: Path) -> set[str]:
+    """Keys of the cells that have a valid record under `results_dir` (invalid files do not count)."""
+    from benchmark.results import load_record  # noqa: PLC0415
+
+    done: set[str] = set()
+    if not Path(results_dir).is_dir():
+        return done
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = load_record(path)
+        except RecordError:
+            continue
+        done.add(cell_key(record["config"]))
+    return done
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail before any training if the results folder cannot take records.
+
+    Raises:
+        ConfigError: naming the folder and the fix.
+    """
+    results_dir = Path(results_dir)
+    try:
+        (results_dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        probe = results_dir / LOCK_DIR / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"results folder {results_dir} is not writable ({exc.strerror}); pass a writable --results-dir"
+        ) from None
+
+
+@contextmanager
+def unit_lock(results_dir: Path, unit: RunConfig, *, wait: bool) -> Iterator[bool]:
+    """Hold the unit's lock; yields False (without waiting) when another process holds it and `wait` is off."""
+    name = cache_key({"defense": unit.defense, "seed": unit.seed, "cell": cell_key(unit)})
+    path = Path(results_dir) / LOCK_DIR / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {unit.defense} seed {unit.seed}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def run_suite(
+    spec: SuiteSpec,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    run_matrix: Callable[..., list[Any]] | None = None,
+) -> SuiteReport:
+    """Run every missing cell of `spec`; a failing unit is reported and the suite goes on.
+
+    Units another suite is running are passed over first, then waited for: when
+    their lock frees, whatever that suite did not finish is run here.
+
+    Raises:
+        ConfigError: a bad unit (checked for all units before anything runs) or an unwritable folder.
+    """
+    if run_matrix is None:
+        from benchmark.runner import run_matrix
+    console = console or Console(stderr=True)
+    results_dir = spec.config.results_dir
+    units = spec.units()
+    check_writable(results_dir)
+    report = SuiteReport()
+    start = time.perf_counter()
+    pending: list[RunConfig] = []
+    for unit in units:
+        if not _run_unit(spec, unit, report, console, show_progress, run_matrix, wait=False):
+            pending.append(unit)
+    for unit in pending:
+        console.print(f"[yellow]waiting[/] for another suite running {unit.defense} seed {unit.seed}")
+        _run_unit(spec, unit, report, console, show_progress, run_matrix, wait=True)
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def _label(unit: RunConfig) -> str:
+    return f"{unit.defense} seed {unit.seed}"
+
+
+def _run_unit(
+    spec: SuiteSpec,
+    unit: RunConfig,
+    report: SuiteReport,
+    console: Console,
+    show_progress: bool,
+    run_matrix: Callable[..., list[Any]],
+    *,
+    wait: bool,
+) -> bool:
+    """Run the unit's missing cells under its lock; False if another suite holds it and `wait` is off."""
+    results_dir = spec.config.results_dir
+    with unit_lock(results_dir, unit, wait=wait) as held:
+        if not held:
+            report.busy.append(_label(unit))
+            return False
+        if wait and _label(unit) in report.busy:
+            report.busy.remove(_label(unit))
+        # Read under the lock: another suite may have finished cells of this unit meanwhile.
+        done = finished_cells(results_dir)
+        missing = [c for c in spec.cells(unit) if cell_key(c) not in done]
+        report.skipped += len(spec.cells(unit)) - len(missing)
+        if not missing:
+            return True
+        console.rule(f"{_label(unit)}: {len(missing)} cell(s) to run")
+        unit_start = time.perf_counter()
+        try:
+            for scenarios, attack_models in _groups(missing):
+                outcomes = run_matrix(
+                    unit,
+                    scenarios=scenarios,
+                    attack_models=attack_models,
+                    console=console,
+                    show_progress=show_progress,
+                )
+                report.written.extend(o.path for o in outcomes)
+                _add_stage_seconds(report.stage_seconds, [o.record for o in outcomes])
+        except ConfigError:
+            raise
+        except Exception as exc:  # one unit's failure must not lose the rest of the suite
+            report.failed.append((_label(unit), f"{type(exc).__name__}: {exc}"))
+            console.print(f"[red]failed:[/] {_label(unit)}: {type(exc).__name__}: {exc}")
+        report.unit_seconds[_label(unit)] = time.perf_counter() - unit_start
+    return True
+
+
+def _groups(missing: Sequence[RunConfig]) -> list[tuple[tuple[Scenario, ...], tuple[str, ...]]]:
+    """Missing cells as (scenarios, attack models) products: scenarios missing the same attack models go together."""
+    by_scenario: dict[Scenario, list[str]] = {}
+    for cell in missing:
+        by_scenario.setdefault(cell.scenario, []).append(cell.attack_model)
+    groups: dict[tuple[str, ...], list[Scenario]] = {}
+    for scenario, models in by_scenario.items():
+        groups.setdefault(tuple(models), []).append(scenario)
+    return [(tuple(scenarios), models) for models, scenarios in groups.items()]
+
+
+def _add_stage_seconds(totals: dict[str, float], records: Sequence[Any]) -> None:
+    """Stage times of one matrix call, each counted once.
+
+    Records of one call repeat its shared stages; records of one scenario repeat
+    that scenario's own stages.
+    """
+    seen_scenarios: set[str] = set()
+    shared: dict[str, float] | None = None
+    for record in records:
+        timings = dict(record.timings_s)
+        if shared is None:
+            shared = {k: v for k, v in timings.items() if not _scenario_stage(k)}
+            for k, v in shared.items():
+                totals[k] = totals.get(k, 0.0) + v
+        if record.scenario in seen_scenarios:
+            continue
+        seen_scenarios.add(record.scenario)
+        for k, v in timings.items():
+            if _scenario_stage(k):
+                totals[k] = totals.get(k, 0.0) + v
+
+
+def _scenario_stage(name: str) -> bool:
+    return name.startswith(("fine-tune shadow", "captioner", "captioning", "attack:"))
