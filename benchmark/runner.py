@@ -14,6 +14,7 @@ per distinct caption set: the three attack models share the same score vectors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import resource
 from collections.abc import Sequence
@@ -426,6 +427,11 @@ def _cell_record(
         "dataset": {
             **dataset.describe(),
             "version": str(dataset.describe().get("version", "1")),
+            # Shared by every run with this public seed: named by a digest, not listed in each record.
+            "public_split": {
+                "n": len(splits.public),
+                "sha256": hashlib.sha256("\n".join(dataset.ids[i] for i in splits.public).encode()).hexdigest(),
+            },
             "origin": component_origin(DATASETS, config.dataset),
         },
         "model": {
@@ -465,7 +471,7 @@ def _cell_record(
         config=config.to_dict(),
         components=components,
         splits={
-            **{name: [dataset.ids[i] for i in idx] for name, idx in splits.as_dict().items()},
+            **{name: [dataset.ids[i] for i in idx] for name, idx in splits.as_dict().items() if name != "public"},
             "shadow_members": [dataset.ids[i] for i in shadow.members],
             "shadow_nonmembers": [dataset.ids[i] for i in shadow.nonmembers],
         },
@@ -611,7 +617,7 @@ def _report_dict(report: TrainReport, config: TrainConfig) -> dict[str, Any]:
     history = report.loss_history
     # Per-epoch means keep the record small while showing the training curve.
     per_epoch = max(1, len(history) // max(1, report.epochs_completed))
-    curve = [float(np.mean(history[i : i + per_epoch])) for i in range(0, len(history), per_epoch)]
+    curve = [round(float(np.mean(history[i : i + per_epoch])), 6) for i in range(0, len(history), per_epoch)]
     return {
         "config": config.to_dict(),
         "steps": report.steps,

@@ -48,7 +48,9 @@ def test_queries_match_splits(micro_run) -> None:  # type: ignore[no-untyped-def
     shadow = set(splits["shadow_members"]) | set(splits["shadow_nonmembers"])
     assert not shadow & (members | nonmembers), "scenario III: the shadow uses auxiliary data only"
     assert shadow <= set(splits["auxiliary"])
-    assert not set(splits["public"]) & (members | nonmembers | shadow)
+    assert "public" not in splits, "the public split is named by its digest, not listed"
+    public = record.components["dataset"]["public_split"]
+    assert public["n"] == micro_run.config.public and len(public["sha256"]) == 64
     # The query order carries no label: members are not simply listed first.
     assert attack["labels"] != sorted(attack["labels"], reverse=True)
 

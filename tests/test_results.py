@@ -54,7 +54,7 @@ def test_record_content(data: dict) -> None:  # type: ignore[type-arg]
 
     splits = data["splits"]
     assert len(splits["members"]) == 8 and len(splits["nonmembers"]) == 8
-    assert {"public", "auxiliary", "utility", "shadow_members", "shadow_nonmembers"} <= set(splits)
+    assert {"auxiliary", "utility", "shadow_members", "shadow_nonmembers"} <= set(splits)
 
     timings = data["timings_s"]
     for stage in ("data", "base model", "fine-tune target", "fine-tune shadow", "attack: shadow", "attack: target"):
