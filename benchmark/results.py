@@ -18,7 +18,7 @@ from typing import Any
 
 import jsonschema
 
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, ConfigError
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "result.schema.json"
@@ -175,6 +175,23 @@ def record_path(results_dir: Path, record: ResultRecord) -> Path:
         / _safe(record.defense)
         / f"{_safe(record.run_id)}.json"
     )
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail before any training if the results folder cannot take records.
+
+    Raises:
+        ConfigError: naming the folder and the fix.
+    """
+    results_dir = Path(results_dir)
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=results_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"results folder {results_dir} is not writable ({exc.strerror or exc}); pass a writable --results-dir"
+        ) from None
 
 
 def write_record(record: ResultRecord, results_dir: Path) -> Path:

@@ -56,6 +56,7 @@ from benchmark.results import (
     Metric,
     ResultRecord,
     attachment_name,
+    check_writable,
     new_run_id,
     provenance,
     write_attachment,
@@ -114,6 +115,7 @@ def run_matrix(
     attack_models = tuple(dict.fromkeys(attack_models or (config.attack_model,)))
     cells = {(s, a): config.replace(scenario=s, attack_model=a).validate() for s in scenarios for a in attack_models}
     config = cells[(scenarios[0], attack_models[0])]
+    check_writable(config.results_dir)
     public_size = max(c.public_split_size for c in cells.values())
     torch.manual_seed(config.seed)
     outcomes: list[RunOutcome] = []

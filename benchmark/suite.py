@@ -27,7 +27,7 @@ from attacks.scenarios import Scenario
 from benchmark.cache import cache_key
 from benchmark.config import RunConfig
 from benchmark.errors import ConfigError
-from benchmark.results import RecordError
+from benchmark.results import RecordError, check_writable
 
 LOCK_DIR = ".locks"
 # Where a record's configuration may differ from the cell's without making it another cell.
@@ -107,24 +107,6 @@ def finished_cells(results_dir: Path) -> set[str]:
             continue
         done.add(cell_key(record["config"]))
     return done
-
-
-def check_writable(results_dir: Path) -> None:
-    """Fail before any training if the results folder cannot take records.
-
-    Raises:
-        ConfigError: naming the folder and the fix.
-    """
-    results_dir = Path(results_dir)
-    try:
-        (results_dir / LOCK_DIR).mkdir(parents=True, exist_ok=True)
-        probe = results_dir / LOCK_DIR / f".probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"results folder {results_dir} is not writable ({exc.strerror}); pass a writable --results-dir"
-        ) from None
 
 
 @contextmanager

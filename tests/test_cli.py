@@ -151,3 +151,21 @@ def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
         main([])
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_run_with_unwritable_results_folder_fails_before_training(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(
+        [
+            "run",
+            "--preset",
+            "micro",
+            "--quiet",
+            "--results-dir",
+            "/proc/benchmark-results",
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "results folder /proc/benchmark-results is not writable" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing was trained or cached"
