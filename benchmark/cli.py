@@ -192,6 +192,84 @@ def cmd_suite(args: argparse.Namespace, console: Console) -> int:
     return 1 if report.failed else 0
 
 
+REPRODUCE_EXAMPLES = """examples:
+  python -m benchmark reproduce results/scenes/III/mydefense.v1/20261126T120000Z-mydefense.v1-s0-abc123.json
+  python -m benchmark reproduce RECORD --cache-dir /tmp/empty-cache     # nothing reused from earlier runs
+  python -m benchmark reproduce RECORD --auc-tolerance 0.05
+exit code: 0 every figure within tolerance, 1 some figure outside it, 2 the record cannot be run here
+"""
+
+
+def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from benchmark.reproduce import Tolerance
+
+    t = Tolerance()
+    p = sub.add_parser(
+        "reproduce",
+        help="re-run the configuration of stored records and check their figures within a tolerance",
+        epilog=REPRODUCE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("records", nargs="+", type=Path, help="result record files (JSON)")
+    p.add_argument("--cache-dir", type=Path, help="model cache (an empty folder gives an independent check)")
+    p.add_argument("--results-dir", type=Path, help="keep the recomputed records here (default: discarded)")
+    p.add_argument("--auc-tolerance", type=float, default=t.auc, help=f"absolute (default {t.auc})")
+    p.add_argument(
+        "--balanced-accuracy-tolerance", type=float, default=t.balanced_accuracy, help="absolute (default %(default)s)"
+    )
+    p.add_argument("--fid-tolerance", type=float, default=t.fid_relative, help="relative (default %(default)s)")
+    p.add_argument("--clip-tolerance", type=float, default=t.clip_score_relative, help="relative (default %(default)s)")
+    p.add_argument("--epsilon-tolerance", type=float, default=t.epsilon_relative, help="relative (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
+    from benchmark.reproduce import Tolerance, reproduce
+
+    values = {
+        "auc": args.auc_tolerance,
+        "balanced_accuracy": args.balanced_accuracy_tolerance,
+        "fid_relative": args.fid_tolerance,
+        "clip_score_relative": args.clip_tolerance,
+        "epsilon_relative": args.epsilon_tolerance,
+    }
+    for name, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"tolerance {name} must be >= 0, got {value}")
+    tolerance = Tolerance(**values)
+    failed = 0
+    for path in args.records:
+        result = reproduce(
+            path,
+            cache_dir=args.cache_dir,
+            results_dir=args.results_dir,
+            tolerance=tolerance,
+            console=console,
+            show_progress=not args.quiet,
+        )
+        table = Table(title=f"{path.name}: {'reproduced' if result.ok else 'NOT reproduced'}")
+        for column in ("figure", "stored", "recomputed", "difference", "allowed", ""):
+            table.add_column(column, justify="left" if column == "figure" else "right")
+        for c in result.comparisons:
+            if c.stored is None and c.recomputed is None:
+                continue
+            diff = "n/a" if c.stored is None or c.recomputed is None else f"{c.recomputed - c.stored:+.4f}"
+            table.add_row(
+                c.metric,
+                "n/a" if c.stored is None else f"{c.stored:.4f}",
+                "n/a" if c.recomputed is None else f"{c.recomputed:.4f}",
+                diff,
+                f"±{c.allowed:.4f}",
+                "ok" if c.ok else "[red]outside[/]",
+            )
+        table.add_row(
+            "members and non-members", "", "", "", "identical", "ok" if result.same_data else "[red]differ[/]"
+        )
+        console.print(table)
+        failed += not result.ok
+    return 1 if failed else 0
+
+
 def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from benchmark.config import preset
 
@@ -424,12 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_suite_parser(sub)
+    _add_reproduce_parser(sub)
     sub.add_parser("list", help="list datasets, models, defenses, attack models, encoders, scenarios, presets")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_library_chatter()
-    handlers = {"run": cmd_run, "suite": cmd_suite, "list": cmd_list}
+    handlers = {"run": cmd_run, "suite": cmd_suite, "reproduce": cmd_reproduce, "list": cmd_list}
     try:
         return handlers[args.command](args, console)
     except BenchmarkError as exc:

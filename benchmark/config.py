@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,25 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The inverse of `to_dict`, e.g. a record's `config`, converted through the field types.
+
+        Raises:
+            ConfigError: an unknown field or a value of the wrong type.
+        """
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown run setting(s) {', '.join(unknown)}; this version knows {', '.join(sorted(names))}"
+            )
+        try:
+            return cls(**{k: _from_json(hints[k], v) for k, v in data.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"a run configuration that this version cannot read: {exc}") from None
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -212,6 +233,31 @@ class RunConfig:
             out[f.name] = value
         out["cache_dir"] = str(self.cache_path)
         return out
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """A JSON value as the typed field `hint` holds it (Optional, Path, enums, tuples, nested dataclasses)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _from_json(inner, value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        inner_hints = typing.get_type_hints(hint)
+        return hint(**{k: _from_json(inner_hints[k], v) for k, v in value.items()})
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if hint is Path:
+        return Path(value)
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
 
 
 def _no_data_before_the_run() -> tuple[Any, list[str]]:

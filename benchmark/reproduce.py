@@ -1,0 +1,156 @@
+"""Recompute a stored record and compare (RobustBench's recomputation check for contributed results).
+
+The record's own configuration is run again from scratch (the same seeds, splits
+and components; a plugin defense must be installed). The figures must agree
+within stated tolerances: training on another machine or thread count is not
+bit-identical, so the check is a tolerance, not equality. The member and
+non-member ids must match exactly: a record on other data is not a reproduction.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from benchmark.config import RunConfig
+from benchmark.errors import BenchmarkError
+from benchmark.results import load_record
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a recomputed figure may sit from the stored one.
+
+    AUC and balanced accuracy are absolute (with 64 non-members their 95% bootstrap
+    intervals are about +-0.12 wide); FID, CLIP score and epsilon are relative.
+    """
+
+    auc: float = 0.10
+    balanced_accuracy: float = 0.10
+    fid_relative: float = 0.25
+    clip_score_relative: float = 0.15
+    epsilon_relative: float = 0.01
+
+    def allowed(self, metric: str, stored: float) -> float:
+        absolute = {"attack_auc": self.auc, "attack_balanced_accuracy": self.balanced_accuracy}
+        relative = {"fid": self.fid_relative, "clip_score": self.clip_score_relative, "epsilon": self.epsilon_relative}
+        if metric in absolute:
+            return absolute[metric]
+        return relative[metric] * abs(stored)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    metric: str
+    stored: float | None
+    recomputed: float | None
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        if self.stored is None or self.recomputed is None:
+            return self.stored is None and self.recomputed is None
+        return abs(self.recomputed - self.stored) <= self.allowed + 1e-12
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    path: Path
+    comparisons: list[Comparison]
+    same_data: bool
+    recomputed_path: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.same_data and all(c.ok for c in self.comparisons)
+
+
+class ReproductionError(BenchmarkError):
+    """A record that cannot be recomputed (unreadable, or a component that is not installed)."""
+
+
+COMPARED = ("attack_auc", "attack_balanced_accuracy", "fid", "clip_score", "epsilon")
+
+
+def figures(record: dict[str, Any]) -> dict[str, float | None]:
+    """The compared figures of a record (epsilon from the target's defense report, where there is one)."""
+    metrics = record.get("metrics") or {}
+    out: dict[str, float | None] = {}
+    for name in COMPARED[:-1]:
+        value = (metrics.get(name) or {}).get("value")
+        out[name] = None if value is None else float(value)
+    details = ((record.get("training") or {}).get("target") or {}).get("defense_details")
+    out["epsilon"] = _epsilon(details)
+    return out
+
+
+def _epsilon(details: Any) -> float | None:
+    if isinstance(details, dict):
+        value = details.get("epsilon")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        for key in sorted(details):
+            found = _epsilon(details[key])
+            if found is not None:
+                return found
+    return None
+
+
+def reproduce(
+    path: Path,
+    *,
+    cache_dir: Path | None = None,
+    results_dir: Path | None = None,
+    tolerance: Tolerance = Tolerance(),
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> Reproduction:
+    """Re-run the configuration stored in the record at `path` and compare its figures.
+
+    Args:
+        cache_dir: cache for base and fine-tuned models (None: the default cache).
+            Cached fine-tunes keyed by the same inputs are reused; for an
+            independent check use an empty cache.
+        results_dir: where the recomputed record goes (None: a temporary folder, removed).
+
+    Raises:
+        RecordError: the file is not a valid record.
+        ReproductionError: its configuration cannot be run here.
+    """
+    from benchmark.runner import run
+
+    stored = load_record(path)
+    try:
+        config = RunConfig.from_dict(stored["config"])
+    except BenchmarkError as exc:
+        raise ReproductionError(f"{path}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
+        target_dir = Path(results_dir) if results_dir is not None else Path(tmp)
+        config = config.replace(results_dir=target_dir, cache_dir=cache_dir)
+        try:
+            config.validate()
+        except BenchmarkError as exc:
+            origin = stored["components"]["defense"].get("origin", "?")
+            raise ReproductionError(
+                f"{path}: cannot run its configuration here ({exc}); install the components it names "
+                f"(defense from {origin})"
+            ) from None
+        outcome = run(config, console=console, show_progress=show_progress)
+        fresh = outcome.record.to_dict()
+    same_data = all(stored["splits"].get(k) == fresh["splits"].get(k) for k in ("members", "nonmembers"))
+    before, after = figures(stored), figures(fresh)
+    comparisons = [
+        Comparison(
+            name,
+            before[name],
+            after[name],
+            tolerance.allowed(name, before[name]) if before[name] is not None else 0.0,
+        )
+        for name in COMPARED
+    ]
+    return Reproduction(path=Path(path), comparisons=comparisons, same_data=same_data, recomputed_path=outcome.path)

@@ -1,0 +1,91 @@
+"""The recomputation check for contributed records: a record reproduces; a tampered one does not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmark.cli import main
+from benchmark.config import RunConfig, preset
+from benchmark.errors import ConfigError
+from benchmark.reproduce import Comparison, Tolerance, figures, reproduce
+from benchmark.results import RecordError
+
+
+def test_run_config_round_trips_through_json() -> None:
+    for name in ("default", "micro", "full"):
+        config = preset(name).replace(defense="dpsgd", defense_args=(("target_epsilon", "4"),), dataset_path=Path("/x"))
+        back = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert back.to_dict() == config.to_dict()
+        assert back.finetune == config.finetune and back.scenario is config.scenario
+
+
+def test_run_config_from_dict_rejects_unknown_settings() -> None:
+    data = preset("micro").to_dict()
+    data["turbo"] = True
+    with pytest.raises(ConfigError, match="unknown run setting.*turbo"):
+        RunConfig.from_dict(data)
+
+
+def test_a_record_reproduces_from_an_empty_cache(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Everything (base model, target, shadow) is trained again: nothing reused.
+    result = reproduce(micro_run.outcome.path, cache_dir=tmp_path / "fresh-cache", show_progress=False)
+    assert result.same_data
+    assert {c.metric for c in result.comparisons} >= {"attack_auc", "fid", "clip_score"}
+    assert result.ok, result.comparisons
+
+
+def test_a_tampered_record_does_not_reproduce(micro_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(micro_run.outcome.path.read_text())
+    auc = data["metrics"]["attack_auc"]["value"]
+    data["metrics"]["attack_auc"]["value"] = auc - 0.3 if auc > 0.5 else auc + 0.3
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    code = main(["reproduce", str(forged), "--cache-dir", str(micro_run.cache_dir), "--quiet"])
+    out = capsys.readouterr().err
+    assert code == 1
+    assert "NOT reproduced" in out and "outside" in out
+
+
+def test_tolerances_are_absolute_for_auc_and_relative_for_fid() -> None:
+    t = Tolerance(auc=0.1, fid_relative=0.2)
+    assert t.allowed("attack_auc", 0.9) == 0.1
+    assert t.allowed("fid", 50.0) == pytest.approx(10.0)
+    assert Comparison("fid", 50.0, 59.9, 10.0).ok and not Comparison("fid", 50.0, 60.1, 10.0).ok
+    assert not Comparison("epsilon", 8.0, None, 0.08).ok
+    assert Comparison("epsilon", None, None, 0.0).ok
+
+
+def test_figures_read_epsilon_from_the_defense_report() -> None:
+    record = {
+        "metrics": {"attack_auc": {"value": 0.5}},
+        "training": {"target": {"defense_details": {"dpsgd": {"epsilon": 3.99}}}},
+    }
+    assert figures(record)["epsilon"] == 3.99 and figures(record)["fid"] is None
+
+
+def test_corrupt_or_foreign_records_are_clear_errors(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ nope")
+    with pytest.raises(RecordError, match="not valid JSON"):
+        reproduce(bad)
+    assert main(["reproduce", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_a_record_from_a_missing_plugin_names_what_to_install(micro_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(micro_run.outcome.path.read_text())
+    data["config"]["defense"] = "someones_defense.v1"
+    data["components"]["defense"]["origin"] = "someones-defense==1.0"
+    path = tmp_path / "plugin.json"
+    path.write_text(json.dumps(data))
+    assert main(["reproduce", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "someones_defense" in err and "someones-defense==1.0" in err
+
+
+def test_negative_tolerance_is_rejected(micro_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["reproduce", str(micro_run.outcome.path), "--auc-tolerance", "-1"]) == 2
+    assert "tolerance auc must be >= 0" in capsys.readouterr().err
