@@ -5,6 +5,7 @@ A pure function of the folder: the same records give the same bytes (sorted, no 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -56,6 +57,15 @@ class Entry:
     clip: float | None
     labels: list[int]
     scores: list[float]
+    # The control: the same fitted attack on the base model, and the base model's utility.
+    control_auc: float | None = None
+    control_auc_ci: tuple[float, float] | None = None
+    base_fid: float | None = None
+    base_kid: float | None = None
+    base_clip: float | None = None
+
+
+BASE_MODEL_ROW = "base model, not fine-tuned (reference)"
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Row:
     fid: float | None = None
     clip: float | None = None
     pareto: bool = False
+    reference: bool = False
 
 
 @dataclass
@@ -164,12 +175,15 @@ def _entry(rel: str, data: dict[str, Any]) -> Entry:
             bool(item["supported"]),
         )
     utility = data.get("utility")
+    base: dict[str, Any] = {}
     if utility:
         network = utility["feature_network"]
         key = (str(network["name"]), str(network["weights_sha256"]))
         fid, kid, clip = float(utility["fid"]), float(utility["kid_mean"]), float(utility["clip_score"])
+        base = utility.get("base_model") or {}
     else:
         key, fid, kid, clip = NO_UTILITY, None, None, None
+    control = data.get("control") or {}
     target = (data.get("training") or {}).get("target") or {}
     attack = data["attack"]
     seeds = data["seeds"]
@@ -191,6 +205,11 @@ def _entry(rel: str, data: dict[str, Any]) -> Entry:
         clip=clip,
         labels=[int(v) for v in attack["labels"]],
         scores=[float(v) for v in attack["membership_scores"]],
+        control_auc=float(control["auc"]) if "auc" in control else None,
+        control_auc_ci=_ci(control.get("auc_ci")),
+        base_fid=float(base["fid"]) if "fid" in base else None,
+        base_kid=float(base["kid_mean"]) if "kid_mean" in base else None,
+        base_clip=float(base["clip_score"]) if "clip_score" in base else None,
     )
 
 
@@ -320,14 +339,49 @@ def aggregate(entries: list[Entry]) -> list[Table]:
     tables = []
     for dataset, scenario, key in sorted(groups):
         rows = [_row(defense, items) for defense, items in sorted(groups[(dataset, scenario, key)].items())]
+        reference = _base_model_row(groups[(dataset, scenario, key)].get("none", []))
         with_fid = [r for r in rows if r.fid is not None]
         if with_fid:
             use_clip = all(r.clip is not None for r in with_fid)
             points = [(r.auc, r.fid, -r.clip if use_clip else 0.0) for r in with_fid]  # type: ignore[operator]
             for r, on_front in zip(with_fid, pareto(points), strict=True):
                 r.pareto = on_front
+        if reference is not None:
+            rows.append(reference)
         tables.append(Table(dataset, scenario, key, rows))
     return tables
+
+
+def _base_model_row(undefended: list[Entry]) -> Row | None:
+    """The base model as a reference row: the control of the undefended records.
+
+    Its AUC is the attack (fitted on the undefended shadow) applied to the base
+    model; its utility is the same protocol run before fine-tuning. Not a
+    defense, so never on the Pareto front; a defense it dominates costs more than
+    not fine-tuning at all.
+    """
+    controls = [
+        dataclasses.replace(
+            e,
+            defense=BASE_MODEL_ROW,
+            auc=e.control_auc,
+            auc_ci=e.control_auc_ci,
+            tpr={},
+            epsilon=None,
+            fid=e.base_fid,
+            kid=e.base_kid,
+            clip=e.base_clip,
+            labels=[],
+            scores=[],
+        )
+        for e in undefended
+        if e.control_auc is not None
+    ]
+    if not controls:
+        return None
+    row = _row(BASE_MODEL_ROW, controls)
+    row.reference = True
+    return row
 
 
 # ---------------------------------------------------------------- rendering
@@ -357,7 +411,10 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         "- ε: DP-SGD privacy budget spent, where the defense has one.",
         "- Utility (FID ↓, KID ↓, CLIP score ↑) is only compared within one feature network (weights hash); "
         "records measured with another network get their own table.",
-        "- ★ marks the privacy-utility Pareto front (lower AUC, lower FID, higher CLIP score).",
+        "- ★ marks the privacy-utility Pareto front among the defenses (lower AUC, lower FID, higher CLIP score).",
+        f"- *{BASE_MODEL_ROW}*: the base model before fine-tuning under the same protocol (its AUC is the "
+        "undefended attack applied to it, a control that should sit near 0.5). A defense this row dominates "
+        "costs more utility than not fine-tuning at all.",
         "",
     ]
     header = (
@@ -382,8 +439,9 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         out += [header, sep]
         for r in table.rows:
             mark = "★" if r.pareto else ""
+            name = f"*{escape(r.defense)}*" if r.reference else escape(r.defense)
             out.append(
-                f"| {escape(r.defense)} | {len(r.seeds)} | {len(r.attack_models)} | {r.cells['auc']} "
+                f"| {name} | {len(r.seeds)} | {len(r.attack_models)} | {r.cells['auc']} "
                 f"| {r.cells['auc_model']} | {r.cells['tpr0.01']} | {r.cells['tpr0.001']} | {r.cells['eps']} "
                 f"| {r.cells['fid']} | {r.cells['kid']} | {r.cells['clip']} | {mark} |"
             )

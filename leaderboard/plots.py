@@ -24,28 +24,37 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 def tradeoff(table: Table) -> bytes:
-    """Attack AUC (worst case) against FID, one point per defense preset, Pareto front drawn."""
+    """Attack AUC (worst case) against FID and against CLIP score, one point per defense preset.
+
+    The Pareto front (over AUC, FID and CLIP score together) is starred; the base
+    model before fine-tuning is drawn as a grey square for reference.
+    """
     rows = [r for r in table.rows if r.fid is not None]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter(r.fid, r.auc, marker="*" if r.pareto else "o", s=90 if r.pareto else 40)
-        ax.annotate(r.defense, (r.fid, r.auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    front = sorted((r.fid, r.auc) for r in rows if r.pareto)
-    if len(front) > 1:
-        ax.step(
-            [p[0] for p in front],
-            [p[1] for p in front],
-            where="post",
-            color="black",
-            lw=1,
-            ls="--",
-            label="Pareto front",
-        )
-        ax.legend(loc="best", fontsize=8)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(f"FID ↓ ({table.utility_key[0]})")
-    ax.set_ylabel("attack AUC ↓ (worst case over attack models)")
-    ax.set_title(f"{table.dataset}, scenario {table.scenario}: privacy-utility trade-off", fontsize=9)
+    with_clip = [r for r in rows if r.clip is not None]
+    panels = [("fid", "FID ↓", rows)] + ([("clip", "CLIP score ↑", with_clip)] if with_clip else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (attr, label, chosen) in zip(axes[0], panels, strict=True):
+        for r in chosen:
+            x = getattr(r, attr)
+            if r.reference:
+                ax.scatter(x, r.auc, marker="s", s=60, color="grey")
+            else:
+                ax.scatter(x, r.auc, marker="*" if r.pareto else "o", s=110 if r.pareto else 40)
+            ax.annotate(
+                "base model" if r.reference else r.defense,
+                (x, r.auc),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        front = sorted((getattr(r, attr), r.auc) for r in chosen if r.pareto)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=0.8, ls="--", label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"{label} ({table.utility_key[0]})", fontsize=8)
+        ax.set_ylabel("attack AUC ↓ (worst case over attack models)")
+    fig.suptitle(f"{table.dataset}, scenario {table.scenario}: privacy-utility trade-off", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 

@@ -238,3 +238,26 @@ def test_unwritable_output_is_a_clear_error(results: Path, tmp_path: Path, capsy
 
 def test_pareto_front():
     assert pareto([(0.5, 40.0), (0.9, 10.0), (0.9, 20.0), (0.5, 40.0)]) == [True, True, False, True]
+
+
+def test_base_model_reference_row_comes_from_the_undefended_control(tmp_path: Path):
+    folder = tmp_path / "results"
+    for attack_model, control_auc in (("threshold", 0.48), ("distribution", 0.55)):
+        record = make_record(defense="none", attack_model=attack_model, auc=0.95, fid=10.0, clip=44.0)
+        record["control"] = {**record["privacy"], "auc": control_auc, "auc_ci": [0.4, 0.6]}
+        record["utility"]["base_model"] = {"fid": 4.5, "kid_mean": 0.01, "kid_std": 0.002, "clip_score": 20.0}
+        put(folder, validate(record))
+    # A DP record's control is ignored: the reference row is the undefended attack on the base model.
+    dp = make_record(defense="dpsgd", preset="eps1", auc=0.5, fid=80.0, clip=4.0, epsilon=1.0)
+    dp["control"] = {**dp["privacy"], "auc": 0.9}
+    put(folder, validate(dp))
+    board = build(folder, plots=True)
+    rows = _rows(board.markdown)
+    base = rows["*base model, not fine-tuned (reference)*"]
+    assert base[3].startswith("0.550")  # worst case over the attack models' controls
+    assert base[8].startswith("4.50") and base[10].startswith("20.00")
+    assert base[-1] == "" and base[5] == "–"  # never on the Pareto front; no TPR for the control
+    assert rows["none"][-1] == "★"
+    [table] = board.tables
+    assert table.rows[-1].reference and not table.rows[-1].pareto
+    assert any(name.startswith("leaderboard_plots/tradeoff-") for name in board.plots)
