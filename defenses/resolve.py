@@ -79,7 +79,9 @@ def resolve(spec: str, overrides: Overrides | None = None, *, registry: Registry
             raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"defense {cls.name}: {exc}") from None
-        built.append(cls(config, preset=preset_name))
+        # An overridden preset is no longer that preset: records and the leaderboard
+        # then name the defense by its configuration instead.
+        built.append(cls(config, preset=None if extra else preset_name))
     return built[0] if len(built) == 1 else ComposedDefense(built)
 
 

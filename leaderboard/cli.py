@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from leaderboard.build import LeaderboardError, build, write
+from leaderboard.build import LeaderboardError, atomic_write, build, replace_summary, summary, write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="output markdown (default: LEADERBOARD.md beside the results folder)"
     )
     b.add_argument("--no-plots", action="store_true", help="write the markdown only")
+    b.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also rewrite the compact summary between the leaderboard markers in this file (e.g. README.md)",
+    )
     return parser
 
 
@@ -32,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in board.skipped:
             print(f"skipped {s.reason}", file=sys.stderr)
         write(board, output)
+        if args.readme is not None:
+            try:
+                text = args.readme.read_text()
+            except OSError as exc:
+                raise LeaderboardError(f"cannot read --readme {args.readme}: {exc}") from None
+            atomic_write(args.readme, replace_summary(text, summary(board.tables)).encode())
     except LeaderboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

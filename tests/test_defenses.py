@@ -54,7 +54,9 @@ def test_preset_with_override_converts_through_field_types() -> None:
     assert isinstance(defense.config, DPSGDConfig)
     assert defense.config.target_epsilon == 4.0 and isinstance(defense.config.target_epsilon, float)
     assert defense.config.accountant == "rdp" and defense.config.secure_mode is False
-    assert defense.describe()["preset"] == "dpsgd.eps8"
+    # Overridden, it is no longer the preset: records name it by its configuration.
+    assert defense.describe()["preset"] is None
+    assert resolve("dpsgd.eps8").describe()["preset"] == "dpsgd.eps8"
     fixed = resolve("dpsgd", [("target_epsilon", "none"), ("noise_multiplier", "1.5"), ("delta", "1e-5")])
     assert fixed.config.target_epsilon is None and fixed.config.noise_multiplier == 1.5 and fixed.config.delta == 1e-5
     lora = resolve("lora.r4", {"rank": "8", "alpha": "16", "target_modules": "to_q, to_v"})
@@ -134,7 +136,10 @@ def test_composition_orders_parts_and_routes_prefixed_keys() -> None:
     described = composed.describe()
     assert described["config"]["lora"]["rank"] == 2  # type: ignore[index]
     assert described["config"]["dpsgd"]["target_epsilon"] == 4.0  # type: ignore[index]
-    assert [c["preset"] for c in described["components"]] == ["dpsgd.eps8", "lora.r4"]  # type: ignore[index]
+    # Both parts were overridden, so neither is its preset any more.
+    assert [c["preset"] for c in described["components"]] == [None, None]  # type: ignore[index]
+    plain = resolve("lora.r4+dpsgd.eps8").describe()
+    assert [c["preset"] for c in plain["components"]] == ["dpsgd.eps8", "lora.r4"]  # type: ignore[index]
     assert all(c["origin"].startswith("diffusion-mia-bench==") for c in described["components"])  # type: ignore[index]
     json.dumps(described)
 

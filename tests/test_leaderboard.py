@@ -261,3 +261,22 @@ def test_base_model_reference_row_comes_from_the_undefended_control(tmp_path: Pa
     [table] = board.tables
     assert table.rows[-1].reference and not table.rows[-1].pareto
     assert any(name.startswith("leaderboard_plots/tradeoff-") for name in board.plots)
+
+
+def test_defense_labels() -> None:
+    from leaderboard.build import defense_label
+
+    assert defense_label({"name": "dpsgd", "preset": "dpsgd.eps8"}) == "dpsgd.eps8"
+    assert defense_label({"name": "dpsgd", "preset": "eps8"}) == "dpsgd.eps8"
+    composed = {
+        "name": "dpsgd+lora",
+        "preset": None,
+        "config": {"x": 1},
+        "components": [{"name": "lora", "preset": "lora.r4"}, {"name": "dpsgd", "preset": "dpsgd.eps8"}],
+    }
+    assert defense_label(composed) == "dpsgd.eps8+lora.r4"
+    composed["components"][0]["preset"] = None
+    overridden = defense_label(composed)
+    assert overridden.startswith("dpsgd+lora (config ") and overridden != defense_label(
+        {**composed, "config": {"x": 2}}
+    )

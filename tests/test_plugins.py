@@ -231,7 +231,8 @@ def test_example_plugin_installs_passes_its_contract_and_runs_end_to_end(
     assert defense["origin"] == f"diffusion-mia-bench==0.1.0 + {PLUGIN_DIST}==0.1.0"
     parts = {c["name"]: c for c in defense["components"]}
     assert parts["weight_decay"]["origin"] == f"{PLUGIN_DIST}==0.1.0" and parts["weight_decay"]["version"] == "0.1.0"
-    assert parts["weight_decay"]["preset"] == "weight_decay.wd01"
+    assert parts["weight_decay"]["preset"] is None  # overridden: named by its configuration
+    assert parts["dpsgd"]["preset"] == "dpsgd.sigma1"
     assert parts["weight_decay"]["config"] == {"weight_decay": 0.2}
     details = record["training"]["target"]["defense_details"]
     assert details["weight_decay"]["weight_decay"] == 0.2 and details["weight_decay"]["decayed_parameters"] > 0
