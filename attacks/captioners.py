@@ -93,18 +93,12 @@ def build_captioner(name: str, request: CaptionerRequest | None = None) -> Capti
 
 
 def check_captioner_request(name: str, request: CaptionerRequest) -> None:
-    """Cheap checks before any training.
-
-    Raises:
-        ConfigError or ModelError: naming the problem and the fix.
-    """
-    check = getattr(CAPTIONERS.get(name), "check", None)
-    if check is not None:
-        check(request)
+    """Cheap checks before any training (raises ConfigError or ModelError naming the fix)."""
+    CAPTIONERS.check(name, request)
 
 
 def needs_public_data(name: str) -> bool:
-    return bool(getattr(CAPTIONERS.get(name), "needs_public_data", False))
+    return bool(CAPTIONERS.capability(name, "needs_public_data"))
 
 
 def _torch_version() -> str:

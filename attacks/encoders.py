@@ -88,18 +88,12 @@ def build_encoder(name: str, request: EncoderRequest | None = None) -> ImageEnco
 
 
 def check_encoder_request(name: str, request: EncoderRequest) -> None:
-    """Cheap checks of a request before any training (a folder that is not a vision model, ...).
-
-    Raises:
-        ConfigError or ModelError: naming the problem and the fix.
-    """
-    check = getattr(ENCODERS.get(name), "check", None)
-    if check is not None:
-        check(request)
+    """Cheap checks before any training (raises ConfigError or ModelError naming the fix)."""
+    ENCODERS.check(name, request)
 
 
 def needs_public_data(name: str) -> bool:
-    return bool(getattr(ENCODERS.get(name), "needs_public_data", False))
+    return bool(ENCODERS.capability(name, "needs_public_data"))
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:

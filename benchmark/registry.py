@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -95,6 +95,24 @@ class Registry(Generic[T]):
             if plugins_disabled():
                 message += f" (plugins of group {self.entry_point_group!r} are disabled by BENCHMARK_DISABLE_PLUGINS)"
         return message
+
+    def capability(self, name: str, attribute: str) -> Any:
+        """An optional attribute of the entry `name`, e.g. its `check` hook or `needs_public_data` flag.
+
+        Builders declare what they need as attributes, so callers can ask before
+        building anything. None when the entry does not declare it.
+        """
+        return getattr(self.get(name), attribute, None)
+
+    def check(self, name: str, request: object) -> None:
+        """Run the entry's cheap `check(request)` hook, if it has one, before any expensive work.
+
+        Raises:
+            whatever the hook raises (ConfigError or ModelError naming the fix).
+        """
+        hook = self.capability(name, "check")
+        if hook is not None:
+            hook(request)
 
     def origin(self, name: str) -> str:
         self.get(name)

@@ -96,3 +96,23 @@ def test_valid_names_accepted(name: str) -> None:
     reg: Registry[int] = Registry("test")
     reg.add(name, 1)
     assert reg.names() == [name]
+
+
+def test_capabilities_and_check_hooks() -> None:
+    reg: Registry[object] = Registry("test")
+    seen: list[object] = []
+
+    class WithHook:
+        needs_public_data = True
+
+        @staticmethod
+        def check(request: object) -> None:
+            seen.append(request)
+
+    reg.add("hooked", WithHook)
+    reg.add("plain", object)
+    assert reg.capability("hooked", "needs_public_data") is True
+    assert reg.capability("plain", "needs_public_data") is None
+    reg.check("hooked", "req")
+    reg.check("plain", "req")  # no hook: nothing to check
+    assert seen == ["req"]
