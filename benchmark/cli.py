@@ -98,6 +98,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
     p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(p)
 
 
 SUITE_EXAMPLES = """examples:
@@ -125,6 +126,26 @@ def _add_suite_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
     p.add_argument("--summary", type=Path, help="also write the suite's summary (cells, stage times) as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(p)
+
+
+def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice); 1 per process when several share a small machine",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -221,6 +242,7 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--clip-tolerance", type=float, default=t.clip_score_relative, help="relative (default %(default)s)")
     p.add_argument("--epsilon-tolerance", type=float, default=t.epsilon_relative, help="relative (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(p)
 
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
@@ -510,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_library_chatter()
     handlers = {"run": cmd_run, "suite": cmd_suite, "reproduce": cmd_reproduce, "list": cmd_list}
     try:
+        _set_threads(args)
         return handlers[args.command](args, console)
     except BenchmarkError as exc:
         console.print("[red]error:[/]", escape(str(exc)))

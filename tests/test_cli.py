@@ -169,3 +169,16 @@ def test_run_with_unwritable_results_folder_fails_before_training(tmp_path: Path
     assert code == 2
     assert "results folder /proc/benchmark-results is not writable" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing was trained or cached"
+
+
+def test_threads_flag(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["suite", "--preset", "micro", "--threads", "0", "--results-dir", str(tmp_path)]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+        code = main(["suite", "--preset", "micro", "--threads", "1", "--seeds", "x", "--results-dir", str(tmp_path)])
+        assert code == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
