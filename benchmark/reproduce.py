@@ -9,7 +9,6 @@ non-member ids must match exactly: a record on other data is not a reproduction.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.console import Console
 
 from benchmark.config import RunConfig
 from benchmark.errors import BenchmarkError
-from benchmark.results import load_record
+from benchmark.results import find_epsilon, load_record
 
 
 @dataclass(frozen=True)
@@ -85,20 +84,8 @@ def figures(record: dict[str, Any]) -> dict[str, float | None]:
         value = (metrics.get(name) or {}).get("value")
         out[name] = None if value is None else float(value)
     details = ((record.get("training") or {}).get("target") or {}).get("defense_details")
-    out["epsilon"] = _epsilon(details)
+    out["epsilon"] = find_epsilon(details)
     return out
-
-
-def _epsilon(details: Any) -> float | None:
-    if isinstance(details, dict):
-        value = details.get("epsilon")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        for key in sorted(details):
-            found = _epsilon(details[key])
-            if found is not None:
-                return found
-    return None
 
 
 def reproduce(

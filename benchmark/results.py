@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -175,6 +176,19 @@ def record_path(results_dir: Path, record: ResultRecord) -> Path:
         / _safe(record.defense)
         / f"{_safe(record.run_id)}.json"
     )
+
+
+def find_epsilon(details: Any) -> float | None:
+    """The DP budget spent, from a training report's `defense_details` (nested for composed defenses)."""
+    if isinstance(details, dict):
+        value = details.get("epsilon")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        for key in sorted(details):
+            found = find_epsilon(details[key])
+            if found is not None:
+                return found
+    return None
 
 
 def check_writable(results_dir: Path) -> None:

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,22 +183,10 @@ def run_matrix(
         utility = None
         if config.utility_metrics:
             with timer.stage("utility") as advance:
-                utility = measure_utility(
-                    model=target.model,
-                    real=[dataset.image(i) for i in splits.utility],
-                    captions=[dataset.caption(i) for i in splits.utility],
-                    public=public_data,
-                    cache_dir=config.cache_path,
-                    training=config.reference_clip,
-                    settings=config.utility_settings,
-                    sampling=config.sampling,
-                    progress=advance,
-                )
-                if config.control:
-                    # The same protocol on the model before fine-tuning: the reference point
-                    # a defense's utility cost is read against.
-                    base_utility = measure_utility(
-                        model=base.load(),
+
+                def measure(model: DiffusionModel, progress: Callable[..., None] | None) -> UtilityResult:
+                    return measure_utility(
+                        model=model,
                         real=[dataset.image(i) for i in splits.utility],
                         captions=[dataset.caption(i) for i in splits.utility],
                         public=public_data,
@@ -206,8 +194,14 @@ def run_matrix(
                         training=config.reference_clip,
                         settings=config.utility_settings,
                         sampling=config.sampling,
+                        progress=progress,
                     )
-                    utility = utility.with_base_model(base_utility)
+
+                utility = measure(target.model, advance)
+                if config.control:
+                    # The same protocol on the model before fine-tuning: the reference point
+                    # a defense's utility cost is read against.
+                    utility = utility.with_base_model(measure(base.load(), None))
         shared_timings = {k: round(v, 3) for k, v in timer.timings.items()}
 
         target_queries, target_labels = _target_queries(dataset, splits, seed=config.seed)

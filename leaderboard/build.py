@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import BenchmarkError
-from benchmark.results import RecordError, validate
+from benchmark.results import RecordError, find_epsilon, validate
 
 PLOTS_DIRNAME = "leaderboard_plots"
 LOW_FPRS = (0.01, 0.001)
@@ -152,18 +152,6 @@ def defense_label(defense: dict[str, Any]) -> str:
     return name
 
 
-def _find_epsilon(details: Any) -> float | None:
-    if isinstance(details, dict):
-        value = details.get("epsilon")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        for key in sorted(details):
-            found = _find_epsilon(details[key])
-            if found is not None:
-                return found
-    return None
-
-
 def _ci(value: Any) -> tuple[float, float] | None:
     if isinstance(value, list) and len(value) == 2:
         return float(value[0]), float(value[1])
@@ -204,7 +192,7 @@ def _entry(rel: str, data: dict[str, Any]) -> Entry:
         auc=float(privacy["auc"]),
         auc_ci=_ci(privacy.get("auc_ci")),
         tpr=tpr,
-        epsilon=_find_epsilon(target.get("defense_details")),
+        epsilon=find_epsilon(target.get("defense_details")),
         utility_key=key,
         fid=fid,
         kid=kid,

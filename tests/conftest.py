@@ -88,3 +88,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, scene_captions: lis
     folder = tmp_path_factory.mktemp("tiny") / "model"
     model.save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny CLIPModel with its processor, saved in the standard format."""
+    import torch
+    from transformers import CLIPModel
+
+    from benchmark.data.scenes import ScenesDataset
+    from benchmark.models.tiny import TinyModelConfig, build_tokenizer
+    from benchmark.utility import ReferenceClipTraining, _clip_config, _processor
+
+    ds = ScenesDataset(resolution=8, size=60)
+    training = ReferenceClipTraining(hidden_size=32, layers=1, projection_dim=16)
+    tokenizer = build_tokenizer([ds.caption(i) for i in range(len(ds))], TinyModelConfig(max_caption_tokens=32))
+    torch.manual_seed(0)
+    model = CLIPModel(_clip_config(tokenizer, training))
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    model.save_pretrained(folder, safe_serialization=True)
+    _processor(tokenizer, training.image_size).save_pretrained(folder)
+    return folder

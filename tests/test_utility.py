@@ -21,7 +21,6 @@ from benchmark.utility import (
     ClipImageFeatures,
     ReferenceClipTraining,
     UtilitySettings,
-    _processor,
     check_fid_weights,
     clip_score,
     fid_kid,
@@ -91,26 +90,6 @@ def test_kid_subsets_are_seeded_and_leave_global_rng_alone() -> None:
 def test_too_few_samples_for_kid_subset() -> None:
     with pytest.raises(ConfigError, match="kid_subset_size=8.*--utility"):
         fid_kid(_images(5, 0), _images(5, 1), Flatten(12), kid_subset_size=8, kid_subsets=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny CLIPModel with its processor, saved in the standard format."""
-    from transformers import CLIPModel
-
-    from benchmark.data.scenes import ScenesDataset
-    from benchmark.models.tiny import TinyModelConfig, build_tokenizer
-    from benchmark.utility import _clip_config
-
-    ds = ScenesDataset(resolution=8, size=60)
-    training = ReferenceClipTraining(hidden_size=32, layers=1, projection_dim=16)
-    tokenizer = build_tokenizer([ds.caption(i) for i in range(len(ds))], TinyModelConfig(max_caption_tokens=32))
-    torch.manual_seed(0)
-    model = CLIPModel(_clip_config(tokenizer, training))
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    model.save_pretrained(folder, safe_serialization=True)
-    _processor(tokenizer, training.image_size).save_pretrained(folder)
-    return folder
 
 
 def _scene_batch(n: int, resolution: int = 16) -> tuple[torch.Tensor, list[str]]:
@@ -248,3 +227,13 @@ def test_reference_model_ranks_true_captions_above_shuffled(tmp_path: Path) -> N
     captions = [ds.caption(i) for i in range(2000, 2200)]
     shuffled = captions[1:] + captions[:1]
     assert clip_score(bundle, images, captions) > clip_score(bundle, images, shuffled) + 5
+
+
+def test_micro_record_has_the_base_model_as_utility_control(micro_run) -> None:  # type: ignore[no-untyped-def]
+    record = micro_run.outcome.record
+    base = record.utility["base_model"]
+    assert set(base) == {"fid", "kid_mean", "kid_std", "clip_score"}
+    assert record.metrics["control_fid_base_model"].value == base["fid"]
+    assert record.metrics["control_clip_score_base_model"].higher_is_better is True
+    # Another model (the base, before fine-tuning) under the same protocol gives other figures.
+    assert base["fid"] != record.utility["fid"]

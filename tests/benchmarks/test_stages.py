@@ -151,25 +151,6 @@ def test_attack_scoring(benchmark, tiny_model_dir: Path) -> None:  # type: ignor
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny CLIPModel with its processor (as in tests/test_utility.py)."""
-    from transformers import CLIPModel
-
-    from benchmark.models.tiny import TinyModelConfig, build_tokenizer
-    from benchmark.utility import ReferenceClipTraining, _clip_config, _processor
-
-    ds = ScenesDataset(resolution=RESOLUTION, size=60)
-    training = ReferenceClipTraining(hidden_size=32, layers=1, projection_dim=16)
-    tokenizer = build_tokenizer([ds.caption(i) for i in range(len(ds))], TinyModelConfig(max_caption_tokens=32))
-    torch.manual_seed(0)
-    model = CLIPModel(_clip_config(tokenizer, training))
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    model.save_pretrained(folder, safe_serialization=True)
-    _processor(tokenizer, training.image_size).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save:UserWarning")
 def test_utility_metrics(benchmark, tiny_clip_dir: Path) -> None:  # type: ignore[no-untyped-def]
     n_images, kid_subset_size, kid_subsets = 16, 8, 5
