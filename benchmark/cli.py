@@ -538,7 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print("[red]error:[/]", escape(str(exc)))
         return 2
     except KeyboardInterrupt:
-        console.print("[red]interrupted:[/] no result was written")
+        if args.command == "suite":
+            console.print("[red]interrupted:[/] finished cells are kept; run the same command again to resume")
+        else:
+            console.print("[red]interrupted:[/] no partial result was written")
         return 130
 
 

@@ -154,5 +154,5 @@ def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsy
         ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
     )
     assert code == 130
-    assert "no result was written" in capsys.readouterr().err
+    assert "no partial result was written" in capsys.readouterr().err
     assert _files(results) == []

@@ -199,3 +199,31 @@ def test_cli_suite_runs_and_writes_summary(tmp_path: Path, capsys: pytest.Captur
     assert len(data["written"]) == 1 and data["stage_seconds"]["fine-tune target"] >= 0
     assert main(argv) == 0
     assert "0 written, 1 already done" in capsys.readouterr().err
+
+
+def test_interrupted_suite_keeps_finished_cells_and_releases_its_locks(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import benchmark.runner
+
+    real = benchmark.runner.run_matrix
+
+    def interrupt_second_unit(config, **kwargs):  # type: ignore[no-untyped-def]
+        if config.defense != "none":
+            raise KeyboardInterrupt
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(benchmark.runner, "run_matrix", interrupt_second_unit)
+    argv = [
+        "suite", "--preset", "micro", "--defenses", "none,lora.r1", "--scenarios", "III",
+        "--attack-models", "threshold", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+        "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert len(finished_cells(tmp_path / "r")) == 1
+    spec = _spec(tmp_path, defenses=("lora.r1",), scenarios=(Scenario.III,), attack_models=("threshold",))
+    spec = SuiteSpec(
+        **{**spec.__dict__, "config": spec.config.replace(results_dir=tmp_path / "r", bootstrap_resamples=1000)}
+    )
+    for unit in spec.units():
+        with unit_lock(tmp_path / "r", unit, wait=False) as held:
+            assert held, "the interrupted suite's lock was released"
