@@ -47,10 +47,24 @@ def tradeoff(table: Table) -> bytes:
                 xytext=(4, 4),
                 fontsize=7,
             )
-        front = sorted((getattr(r, attr), r.auc) for r in chosen if r.pareto)
+        # The panel's own two-metric front, as a staircase; stars mark the front over all three metrics.
+        from leaderboard.build import pareto
+
+        defenses = [r for r in chosen if not r.reference]
+        sign = 1.0 if attr == "fid" else -1.0
+        on_front = pareto([(r.auc, sign * getattr(r, attr)) for r in defenses])
+        front = sorted((getattr(r, attr), r.auc) for r, keep in zip(defenses, on_front, strict=True) if keep)
         if len(front) > 1:
-            ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=0.8, ls="--", label="Pareto front")
-            ax.legend(loc="best", fontsize=8)
+            ax.step(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                where="post" if attr == "fid" else "pre",
+                color="black",
+                lw=0.8,
+                ls="--",
+                label="Pareto front of this panel (★: front over AUC, FID and CLIP score)",
+            )
+            ax.legend(loc="upper left" if attr == "clip" else "upper right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"{label} ({table.utility_key[0]})", fontsize=8)
         ax.set_ylabel("attack AUC ↓ (worst case over attack models)")

@@ -98,8 +98,11 @@ def all_cores(request: pytest.FixtureRequest) -> None:
 def _reference_record(defense: str, scenario: str, attack_model: str) -> Path:
     import json
 
-    for path in sorted((RESULTS / "scenes" / scenario / defense).glob("*.json")):
-        if json.loads(path.read_text())["attack"]["attack_model"] == attack_model:
+    # Folders are named by defense; the preset is in the record.
+    for path in sorted((RESULTS / "scenes" / scenario / defense.split(".")[0]).glob("*.json")):
+        record = json.loads(path.read_text())
+        preset = record["components"]["defense"].get("preset") or record["components"]["defense"]["name"]
+        if record["attack"]["attack_model"] == attack_model and preset == defense:
             return path
     raise AssertionError(f"no reference record for {defense} / {scenario} / {attack_model}")
 
