@@ -206,8 +206,6 @@ def cmd_suite(args: argparse.Namespace, console: Console) -> int:
     if args.summary is not None:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    for label in report.busy:
-        console.print(f"[yellow]left to another suite:[/] {escape(label)}")
     for label, error in report.failed:
         console.print(f"[red]failed:[/] {escape(label)}: {escape(error)}")
     return 1 if report.failed else 0

@@ -60,11 +60,10 @@ class SuiteSpec:
 
 @dataclass
 class SuiteReport:
-    """What a suite did: cells written, skipped as already done, units left to another suite, failures."""
+    """What a suite did: cells written, skipped as already done, failures, time per stage and unit."""
 
     written: list[Path] = field(default_factory=list)
     skipped: int = 0
-    busy: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unit_seconds: dict[str, float] = field(default_factory=dict)
@@ -74,7 +73,6 @@ class SuiteReport:
         return {
             "written": [str(p) for p in self.written],
             "skipped": self.skipped,
-            "busy": self.busy,
             "failed": [{"unit": u, "error": e} for u, e in self.failed],
             "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
             "unit_seconds": {k: round(v, 1) for k, v in self.unit_seconds.items()},
@@ -197,10 +195,7 @@ def _run_unit(
     results_dir = spec.config.results_dir
     with unit_lock(results_dir, unit, wait=wait) as held:
         if not held:
-            report.busy.append(_label(unit))
             return False
-        if wait and _label(unit) in report.busy:
-            report.busy.remove(_label(unit))
         # Read under the lock: another suite may have finished cells of this unit meanwhile.
         done = finished_cells(results_dir)
         missing = [c for c in spec.cells(unit) if cell_key(c) not in done]

@@ -100,7 +100,7 @@ def test_a_unit_another_suite_holds_is_left_then_waited_for(tmp_path: Path) -> N
         holder.join(30)
     # lora first (the free unit), then none once the other suite let go of it.
     assert [c[0] for c in recorder.calls] == ["lora.r1", "none"]
-    assert report.busy == []
+    assert not report.failed and report.skipped == 0
 
 
 def _hold_lock(results_dir: Path, unit: Any, ready: Any, release: Any) -> None:
