@@ -4,7 +4,9 @@ A fraction of the owner's member data is held out and never trained on; after
 each epoch the diffusion loss on it is measured with a fixed noise seed (the same
 noise and timesteps every epoch, so the curve reflects the weights, not the
 draw). Training stops once the loss has not improved for `patience` epochs, and
-the best weights are restored.
+the best weights are restored. The weights before fine-tuning (epoch 0) are a
+candidate too: a recipe whose first epochs only damage the model gives the
+owner back the model it started from.
 
 The held-out members stay members in the benchmark's split (the owner did hold
 them), but the model never trained on them; their positions in the member list
@@ -77,6 +79,7 @@ class EarlyStopHooks(TrainingHooks):
         self._parameters: list[torch.nn.Parameter] = []
         self._held_out: list[int] = []
         self._n_train = 0
+        self.loss_before: float | None = None
 
     def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
         kept, held_out = holdout_split(len(images), self.config.validation_fraction, seed=seed)
@@ -110,6 +113,10 @@ class EarlyStopHooks(TrainingHooks):
 
     def setup(self, state: TrainingState) -> None:
         self._parameters = state.parameters
+        self.loss_before = self.validation_loss(state)
+        self.best_loss, self.best_epoch = self.loss_before, 0
+        if self.config.restore_best:
+            self._best = [p.detach().clone() for p in state.parameters]
 
     def end_epoch(self, state: TrainingState) -> bool:
         loss = self.validation_loss(state)
@@ -142,6 +149,7 @@ class EarlyStopHooks(TrainingHooks):
             "min_delta": self.config.min_delta,
             "validation_draws": self.config.validation_draws,
             "noise_seed": self.config.noise_seed,
+            "validation_loss_before": self.loss_before,
             "validation_loss": list(self.history),
             "best_epoch": self.best_epoch,
             "best_validation_loss": self.best_loss if math.isfinite(self.best_loss) else None,

@@ -119,7 +119,7 @@ def test_augment_transforms_every_training_batch(tiny_model_dir: Path, data) -> 
 
 
 def test_early_stopping_stops_on_rising_validation_loss_and_restores_best(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
-    scripted = iter([1.0, 0.8, 0.9, 0.95, 1.2, 1.3, 1.4, 1.5])
+    scripted = iter([1.1, 1.0, 0.8, 0.9, 0.95, 1.2, 1.3, 1.4, 1.5])  # first: before fine-tuning
     snapshots: list[list[torch.Tensor]] = []
 
     class Scripted(EarlyStopHooks):
@@ -133,12 +133,29 @@ def test_early_stopping_stops_on_rising_validation_loss_and_restores_best(tiny_m
     details = hooks.details()
     assert report.epochs_completed == 4 == details["epochs_run"]  # best at 2, no gain at 3 and 4
     assert details["stopped_early"] is True and details["best_epoch"] == 2 and details["restored_best"] is True
-    assert details["validation_loss"] == [1.0, 0.8, 0.9, 0.95]
-    best = snapshots[1]
+    assert details["validation_loss"] == [1.0, 0.8, 0.9, 0.95] and details["validation_loss_before"] == 1.1
+    best = snapshots[2]
     for p, expected in zip(model.unet.parameters(), best, strict=True):
         assert torch.equal(p.detach(), expected)
     assert details["validation_examples"] == 2 and details["train_examples"] == 6
     assert report.steps == 4 * 1  # 6 training examples, batch 6: the held-out two are never trained on
+
+
+def test_early_stopping_gives_back_the_base_model_when_no_epoch_beats_it(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
+    scripted = iter([0.5, 0.9, 0.8, 0.7, 0.6])
+
+    class Scripted(EarlyStopHooks):
+        def validation_loss(self, state: TrainingState) -> float:
+            return next(scripted)
+
+    model = load_model(tiny_model_dir)
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    hooks = Scripted(EarlyStopConfig(patience=3, validation_fraction=0.25))
+    report = train(model, *data, TrainConfig(epochs=8, batch_size=6, learning_rate=1e-2), hooks=hooks)
+    details = hooks.details()
+    assert report.epochs_completed == 3 and details["best_epoch"] == 0 and details["restored_best"] is True
+    for p, expected in zip(model.unet.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), expected)
 
 
 def test_early_stopping_on_a_constructed_overfitting_case(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
