@@ -77,7 +77,7 @@ StepCallback = Callable[[int, int, float], None]
 class TrainingHooks:
     """The points where a defense may change training. Every default is the plain recipe.
 
-    Order of calls in `train`: `training_data` once, `setup` once (after the
+    Order of calls in `train`: `recipe` and `training_data` once, `setup` once (after the
     default parameters and optimizer exist), then per epoch `batches`, and per
     batch `transform` and `optimizer_step` (or `empty_batch_step`), then
     `end_epoch`; finally `finish`, and `details` for the record.
@@ -85,6 +85,10 @@ class TrainingHooks:
 
     #: whether `transform` changes images (then latents are computed per batch).
     transforms_images: bool = False
+
+    def recipe(self, config: TrainConfig) -> TrainConfig:
+        """The training recipe this defense runs with (e.g. DP-SGD's own learning rate and epochs)."""
+        return config
 
     def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
         """The part of the owner's data that is trained on (e.g. minus a validation hold-out)."""
@@ -147,6 +151,11 @@ class ComposedHooks(TrainingHooks):
             names = ", ".join(type(h).__name__ for h in owners)
             raise ValueError(f"only one defense may override TrainingHooks.{method}; got {names}")
         return owners[0] if owners else TrainingHooks()
+
+    def recipe(self, config: TrainConfig) -> TrainConfig:
+        for hook in self.hooks:
+            config = hook.recipe(config)
+        return config
 
     def training_data(self, images: torch.Tensor, captions: list[str], *, seed: int) -> tuple[torch.Tensor, list[str]]:
         for hook in self.hooks:
@@ -233,6 +242,7 @@ def train(
     if len(images) == 0:
         raise ValueError("cannot train on an empty set")
     hooks = hooks if hooks is not None else TrainingHooks()
+    config = hooks.recipe(config)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images, captions = hooks.training_data(images, captions, seed=config.seed)

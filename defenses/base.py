@@ -70,6 +70,10 @@ class Defense:
         """Fresh hooks for one fine-tuning run (the default: the plain recipe)."""
         return TrainingHooks()
 
+    def recipe(self, train_config: TrainConfig) -> TrainConfig:
+        """The recipe `fine_tune` will run with (a defense may bring its own epochs or learning rate)."""
+        return self.training_hooks().recipe(train_config)
+
     def fine_tune(
         self,
         *,
@@ -112,6 +116,11 @@ class ComposedDefense(Defense):
         self.preset = None
         self.name = "+".join(sorted(d.name for d in parts))  # type: ignore[misc]
         self.version = "+".join(d.version for d in sorted(parts, key=lambda d: d.name))  # type: ignore[misc]
+
+    def recipe(self, train_config: TrainConfig) -> TrainConfig:
+        for part in self.parts:
+            train_config = part.recipe(train_config)
+        return train_config
 
     def fine_tune(
         self,

@@ -23,6 +23,7 @@ Known traps, and how they are handled here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -35,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmark.errors import ConfigError, DefenseError
-from benchmark.finetune import TrainingHooks, TrainingState
+from benchmark.finetune import TrainConfig, TrainingHooks, TrainingState
 from defenses.base import Defense, DefenseConfig, register_defense
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -61,6 +62,10 @@ class DPSGDConfig(DefenseConfig):
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
     # True: cryptographically secure noise (slow, not reproducible); False: seeded.
     secure_mode: bool = False
+    # DP-SGD's own recipe (None: the fine-tuning recipe's). The noise is calibrated for
+    # these epochs, and a learning rate tuned for clean gradients walks a noisy model away.
+    learning_rate: float | None = None
+    epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -100,6 +105,13 @@ class DPSGDConfig(DefenseConfig):
             )
         if self.max_physical_batch_size < 1:
             raise ConfigError(f"dpsgd max_physical_batch_size must be >= 1, got {self.max_physical_batch_size}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(
+                f"dpsgd learning_rate must be a finite number > 0, got {self.learning_rate} "
+                "(or none for the fine-tuning recipe's)"
+            )
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"dpsgd epochs must be >= 1, got {self.epochs} (or none for the fine-tuning recipe's)")
 
 
 @functools.cache
@@ -165,6 +177,14 @@ class DPSGDHooks(TrainingHooks):
         self.physical_batches = 0
         self.largest_physical_batch = 0
         self.examples_sampled = 0
+
+    def recipe(self, config: TrainConfig) -> TrainConfig:
+        cfg = self.config
+        return dataclasses.replace(
+            config,
+            learning_rate=cfg.learning_rate if cfg.learning_rate is not None else config.learning_rate,
+            epochs=cfg.epochs if cfg.epochs is not None else config.epochs,
+        )
 
     def setup(self, state: TrainingState) -> None:
         from opacus import PrivacyEngine
@@ -302,6 +322,8 @@ class DPSGDHooks(TrainingHooks):
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "steps": self.noisy_steps,
+            "learning_rate": state.config.learning_rate,
+            "epochs": state.config.epochs,
             "empty_batches": self.empty_batches,
             "clipping_norm": self.config.clipping_norm,
             "expected_batch_size": int(self._optimizer.expected_batch_size),

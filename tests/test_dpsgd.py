@@ -129,6 +129,25 @@ def test_target_epsilon_is_met(tiny_model_dir: Path, data) -> None:  # type: ign
     assert _pld_epsilon(dp["noise_multiplier"], 1.0, 2, dp["delta"]) == pytest.approx(dp["epsilon"], abs=PLD_TOLERANCE)
 
 
+def test_dp_recipe_overrides_epochs_and_learning_rate_and_calibrates_for_them(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
+    # The fine-tuning recipe says 5 epochs at 1e-3; DP-SGD runs its own 3 at 2e-4, and its
+    # noise is calibrated so that those 3 epochs, not 5, spend the target epsilon.
+    recipe = TrainConfig(epochs=5, batch_size=12, learning_rate=1e-3)
+    defense = resolve("dpsgd.eps4", {"epochs": "3", "learning_rate": "2e-4"})
+    assert defense.recipe(recipe).epochs == 3 and defense.recipe(recipe).learning_rate == 2e-4
+    model = load_model(tiny_model_dir)
+    result = defense.fine_tune(model=model, images=data[0], captions=data[1], train_config=recipe)
+    dp = result.details["dpsgd"]
+    assert result.report.epochs_completed == 3 == dp["epochs"] and dp["steps"] == 3
+    assert dp["learning_rate"] == 2e-4
+    assert 3.9 <= dp["epsilon"] <= 4.0 + 0.01
+    assert _pld_epsilon(dp["noise_multiplier"], 1.0, 3, dp["delta"]) == pytest.approx(dp["epsilon"], abs=PLD_TOLERANCE)
+    with pytest.raises(ConfigError, match="learning_rate must be a finite number > 0"):
+        resolve("dpsgd", {"learning_rate": "0"})
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        resolve("dpsgd", {"epochs": "0"})
+
+
 def test_model_is_unwrapped_changed_and_saveable(prv_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     model, before, result = prv_run
     assert isinstance(result, FineTuneResult)
