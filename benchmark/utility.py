@@ -401,14 +401,16 @@ class ClipImageFeatures(nn.Module):
 def fid_kid(
     real: torch.Tensor,
     fake: torch.Tensor,
-    feature: nn.Module | int,
+    feature: nn.Module,
     *,
     kid_subset_size: int,
     kid_subsets: int,
     seed: int,
-    fid_weights: Path | None = None,
 ) -> tuple[float, float, float]:
     """(FID, KID mean, KID std) of two (N, 3, H, W) image sets in [0, 1], via torchmetrics.
+
+    `feature` maps such images to (N, D) features and says D in `num_features`:
+    the reference network (`ClipImageFeatures`) or the standard one (`InceptionFeatures`).
 
     Raises:
         ConfigError: fewer samples than the KID subset size.
@@ -424,10 +426,7 @@ def fid_kid(
         )
     if n < 2:
         raise ConfigError("FID needs at least 2 images per side; raise --utility")
-    extra: dict[str, Any] = {}
-    if isinstance(feature, int) and fid_weights is not None:
-        extra["feature_extractor_weights_path"] = str(fid_weights)
-    fid = FrechetInceptionDistance(feature=feature, normalize=True, **extra)
+    fid = FrechetInceptionDistance(feature=feature, normalize=True)
     kid = KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=kid_subset_size, normalize=True)
     for metric in (fid, kid):
         metric.update(real, real=True)
@@ -450,11 +449,85 @@ def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str]
     return float(metric.compute())
 
 
+def fidelity_inception() -> type[nn.Module]:
+    """torch-fidelity's FID Inception class, the network torchmetrics' FID runs.
+
+    Raises:
+        ConfigError: torch-fidelity is missing, or installed but cannot be imported
+            (it imports torchvision, which must be built for the installed torch).
+    """
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError(
+            "--fid-weights needs torch-fidelity for torchmetrics' Inception network: pip install torch-fidelity "
+            "(or pip install 'torchmetrics[image]')"
+        )
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except Exception as exc:  # an ImportError, or torchvision's operator registration failing
+        raise ConfigError(
+            f"--fid-weights needs torch-fidelity, which is installed but fails to import ({exc}); it imports "
+            f"torchvision, which must be the build for torch {torch.__version__}: install the matching pair "
+            "(e.g. pip install torch==2.14.1 torchvision==0.29.1), or drop --fid-weights to use the reference network"
+        ) from None
+    return FeatureExtractorInceptionV3
+
+
+def inception_without_weights(device: str = "cpu") -> nn.Module:
+    """torch-fidelity's FID Inception at its random initialisation (`meta`: shapes only, no memory)."""
+    import tempfile
+
+    cls = fidelity_inception()
+    original = cls.load_state_dict
+    with tempfile.TemporaryDirectory() as tmp:
+        # Its constructor loads a weights file (or downloads one): hand it an empty state
+        # dict and skip loading it, which leaves the layers as initialised.
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        try:
+            cls.load_state_dict = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+            with torch.device(device):
+                return cls("inception-v3-compat", [str(INCEPTION_FEATURES)], feature_extractor_weights_path=str(empty))
+        finally:
+            cls.load_state_dict = original  # type: ignore[method-assign]
+
+
+def inception_shapes() -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in inception_without_weights("meta").state_dict().items()}
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' FID Inception (torch-fidelity's) with weights from a local file, fed [0, 1] images.
+
+    One instance serves FID and KID: torchmetrics' KID takes no weights path and,
+    given the integer 2048, would download its own weights.
+    """
+
+    num_features = INCEPTION_FEATURES
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        check_fid_weights(weights)
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(INCEPTION_FEATURES)],
+            feature_extractor_weights_path=str(Path(weights).expanduser()),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # What torchmetrics does with [0, 1] input (normalize=True) for its own Inception.
+        return self.net((images * 255).byte()).reshape(len(images), -1)
+
+
 def check_fid_weights(path: Path) -> None:
     """A usable Inception weights file for torchmetrics' FID (torch-fidelity's FID Inception).
 
+    Loaded with `weights_only=True` here, so a file that holds anything but tensors
+    is refused before torch-fidelity (which unpickles it fully) ever opens it.
+
     Raises:
-        ConfigError: missing file, not a state dict of the right shape, or torch-fidelity absent.
+        ConfigError: missing file, not a state dict of the right shapes, or torch-fidelity unusable.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -473,10 +546,15 @@ def check_fid_weights(path: Path) -> None:
             f"--fid-weights {path} is not an Inception-v3 state dict (fc.weight shape {shape}, expected (*, 2048)); "
             "give torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth)"
         )
-    if importlib.util.find_spec("torch_fidelity") is None:
+    expected = inception_shapes()
+    got = {name: tuple(t.shape) for name, t in state.items() if isinstance(t, torch.Tensor)}
+    wrong = [name for name in expected if got.get(name) != expected[name]]
+    if wrong:
+        name = wrong[0]
         raise ConfigError(
-            "--fid-weights needs torch-fidelity for torchmetrics' Inception network: pip install torch-fidelity "
-            "(or pip install 'torchmetrics[image]')"
+            f"--fid-weights {path} does not fit torch-fidelity's FID Inception: {len(wrong)} of {len(expected)} "
+            f"tensors missing or of another shape (e.g. {name}: {got.get(name)} in the file, {expected[name]} "
+            "expected); give pt_inception-2015-12-05-6726825d.pth or a file in its format"
         )
 
 
@@ -509,8 +587,7 @@ def measure(
 ) -> UtilityResult:
     """FID, KID and CLIP score of generated images `fake` (for `captions`) against `real`; NCHW in [0, 1]."""
     if settings.fid_weights is not None:
-        check_fid_weights(settings.fid_weights)
-        feature: nn.Module | int = INCEPTION_FEATURES
+        feature: nn.Module = InceptionFeatures(Path(settings.fid_weights))
         feature_name = "inception-v3-compat (torch-fidelity)"
         feature_hash = sha256_file(Path(settings.fid_weights).expanduser())
     else:
@@ -524,14 +601,13 @@ def measure(
         kid_subset_size=settings.kid_subset_size,
         kid_subsets=settings.kid_subsets,
         seed=settings.seed,
-        fid_weights=settings.fid_weights,
     )
     score = clip_score(bundle, fake, captions)
     details = {
         "feature_network": {
             "name": feature_name,
             "weights_sha256": feature_hash,
-            "dim": INCEPTION_FEATURES if isinstance(feature, int) else feature.num_features,
+            "dim": feature.num_features,
         },
         "clip_model": {"name": bundle.name, "weights_sha256": bundle.weights_sha256, **bundle.details},
         "n_real": len(real),

@@ -19,14 +19,18 @@ from benchmark.errors import ConfigError, ModelError
 from benchmark.utility import (
     ClipBundle,
     ClipImageFeatures,
+    InceptionFeatures,
     ReferenceClipTraining,
     UtilitySettings,
     check_fid_weights,
     clip_score,
     fid_kid,
+    fidelity_inception,
+    inception_without_weights,
     load_clip_folder,
     measure,
     reference_clip,
+    sha256_file,
 )
 
 torch.set_num_threads(1)
@@ -158,6 +162,50 @@ def test_fid_weights_errors(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a weights file")
     with pytest.raises(ConfigError, match="not a PyTorch weights file"):
         check_fid_weights(garbage)
+
+
+def _fidelity_usable() -> bool:
+    try:
+        fidelity_inception()
+    except ConfigError:
+        return False
+    return True
+
+
+FIDELITY = _fidelity_usable()
+
+
+@pytest.mark.skipif(
+    not FIDELITY,
+    reason="torch-fidelity with a torchvision built for this torch is not importable here (CI's CPU torch 2.13.0 "
+    "has none); run in an environment with torch 2.14.1 + torchvision 0.29.1 + torch-fidelity",
+)
+def test_fid_weights_path_runs_torchmetrics_inception_on_a_randomly_initialised_network(
+    tmp_path: Path, tiny_clip_dir: Path
+) -> None:
+    net = inception_without_weights()
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(net.state_dict(), weights)  # the standard format: a plain state dict
+    check_fid_weights(weights)
+    real, captions = _scene_batch(12, resolution=16)
+    feature = InceptionFeatures(weights)
+    same = fid_kid(real, real, feature, kid_subset_size=6, kid_subsets=5, seed=0)
+    other = fid_kid(real, real.flip(1), feature, kid_subset_size=6, kid_subsets=5, seed=0)
+    # A random Inception's features are tiny, so FID is judged relative to a real difference.
+    assert other[0] > 0 and abs(same[0]) < 1e-4 * other[0]
+    # The run's path: the record names the Inception network and the weights file's hash.
+    bundle = load_clip_folder(tiny_clip_dir)
+    settings = UtilitySettings(kid_subset_size=6, kid_subsets=5, seed=0, fid_weights=weights)
+    result = measure(bundle=bundle, real=real, fake=real.flip(1), captions=captions, settings=settings)
+    assert result.details["feature_network"]["name"] == "inception-v3-compat (torch-fidelity)"
+    assert result.details["feature_network"]["weights_sha256"] == sha256_file(weights)
+    assert result.fid == pytest.approx(other[0], rel=1e-4)
+    # A state dict with one tensor of another shape is refused before torch-fidelity loads it.
+    state = net.state_dict()
+    state["Mixed_5b.branch1x1.conv.weight"] = torch.zeros(3, 3, 1, 1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match=r"does not fit torch-fidelity's FID Inception: 1 of \d+ tensors"):
+        check_fid_weights(tmp_path / "bad.pth")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None, reason="torch-fidelity is installed")
