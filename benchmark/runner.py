@@ -136,6 +136,7 @@ def run_matrix(
                 ),
                 public_seed=config.public_seed,
                 seed=config.seed,
+                owner_pool=getattr(dataset, "owner_pool", None),
             )
             shadows = {
                 s: shadow_split(
@@ -571,7 +572,8 @@ def _fine_tune_stage(
     seed: int,
 ) -> FineTuned:
     train_config = TrainConfig(**{**config.finetune.to_dict(), "seed": seed})
-    steps = train_config.epochs * -(-len(indices) // train_config.batch_size)
+    recipe = defense.recipe(train_config)
+    steps = recipe.epochs * -(-len(indices) // recipe.batch_size)
     inputs = {
         "base": str(base.model_dir),
         "base_description": base.description,
@@ -595,7 +597,7 @@ def _fine_tune_stage(
                 on_step=lambda step, total, loss: advance(info=f"loss {loss:.4f}"),
             )
             model.save(folder)
-            report = _report_dict(result.report, train_config)
+            report = _report_dict(result.report, recipe)
             report["defense_details"] = result.details
             (folder / "train_report.json").write_text(json.dumps(report, indent=2))
 

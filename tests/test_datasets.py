@@ -13,6 +13,7 @@ from benchmark.data import DATASETS, DatasetError, DatasetSpec
 from benchmark.data import scenes as scenes_module
 from benchmark.data.folder import FolderDataset
 from benchmark.data.scenes import DEFAULT_SIZE, ScenesDataset
+from benchmark.data.splits import SplitSizes, make_splits
 
 
 def test_scenes_registered_and_default_size() -> None:
@@ -42,6 +43,25 @@ def test_scenes_images_shape_range_and_determinism(resolution: int) -> None:
         assert a.caption(i) == b.caption(i)
     assert not np.array_equal(first[0], first[1])
     assert a.describe()["resolution"] == resolution
+
+
+def test_scenes_owner_domain_is_spotlit_and_the_public_split_mixes_both() -> None:
+    ds = ScenesDataset(resolution=16, size=400)
+    owner = list(ds.owner_pool)
+    assert owner == list(range(1, 400, 2))
+    splits = make_splits(len(ds), SplitSizes(200, 20, 20, 40, 20), public_seed=0, seed=0, owner_pool=ds.owner_pool)
+    owner_sets = splits.members + splits.nonmembers + splits.auxiliary + splits.utility
+    assert set(owner_sets) <= set(owner)
+    assert 0.35 < np.mean([i in set(owner) for i in splits.public]) < 0.65
+
+    # The spotlight darkens the corners relative to the centre; flat lighting does not, on average.
+    def corner_over_centre(indices: list[int]) -> float:
+        images = np.stack([ds.image(i) for i in indices])
+        return float(images[:, [0, 0, -1, -1], [0, -1, 0, -1]].mean() / images[:, 6:10, 6:10].mean())
+
+    assert corner_over_centre(owner[:100]) < 0.75 * corner_over_centre([i - 1 for i in owner[:100]])
+    # The caption does not say which lighting an image has.
+    assert not any("light" in ds.caption(i) for i in range(len(ds)))
 
 
 def test_scenes_size_and_resolution_limits() -> None:

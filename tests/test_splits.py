@@ -157,3 +157,25 @@ def test_scenario_shadow_splits(scenario: Scenario, seed: int) -> None:
     assert not (shadow_members | shadow_nonmembers) & set(splits.public)
     assert len(shadow_members) == 20 and len(shadow_nonmembers) == 20
     assert scenario.caption_source.value == ("captioner" if scenario in (Scenario.II, Scenario.IV) else "ground_truth")
+
+
+def test_owner_pool_confines_the_owner_sets_but_not_the_public_split() -> None:
+    owner = range(0, POOL, 2)
+    splits = make_splits(
+        POOL,
+        SplitSizes(public=40, members=10, nonmembers=10, auxiliary=10, utility=5),
+        public_seed=0,
+        seed=0,
+        owner_pool=owner,
+    )
+    assert set(splits.members + splits.nonmembers + splits.auxiliary + splits.utility) <= set(owner)
+    assert any(i % 2 for i in splits.public)
+    # Without an owner pool the split is what it always was.
+    assert make_splits(POOL, SIZES, public_seed=0, seed=0) == make_splits(
+        POOL, SIZES, public_seed=0, seed=0, owner_pool=None
+    )
+
+
+def test_owner_pool_too_small_says_what_to_lower() -> None:
+    with pytest.raises(ConfigError, match="owner's domain, which has"):
+        make_splits(POOL, SIZES, public_seed=0, seed=0, owner_pool=range(0, POOL, 5))

@@ -19,7 +19,11 @@ class DatasetError(BenchmarkError, ValueError):
 
 
 class ImageTextDataset(Protocol):
-    """A pool of captioned images. Members and non-members are both drawn from it."""
+    """A pool of captioned images. Members and non-members are both drawn from it.
+
+    A dataset may also offer `owner_pool` (a sequence of indices): the domain the
+    owner's data comes from, when the public split is broader (see `make_splits`).
+    """
 
     name: str
 

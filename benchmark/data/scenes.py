@@ -5,6 +5,13 @@ coarse position, so captions are unique per image. What the caption leaves out
 (the background's lighting direction and strength, the shape's exact offset,
 size and shade) is smooth, per-image detail a model can only reproduce by
 memorising that image: the membership signal the attack looks for.
+
+Two lightings make two domains, like a web-scale pretraining set and one owner's
+photos: every second image is lit by a spotlight (bright centre, dark corners),
+the others are flat. The public split (pretraining) mixes both; the owner's data
+(members, non-members, auxiliary, utility-eval) is all spotlight, so fine-tuning
+adapts the model to a domain the base model only half covers, as when Stable
+Diffusion is fine-tuned on one collection. The lighting is not in the caption.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ POSITIONS: dict[str, tuple[float, float]] = {
 SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.16), "large": (0.19, 0.25)}
 # Every distinct caption: one pool for all presets, so they share the public split and base model.
 DEFAULT_SIZE = 4032
-SCENES_VERSION = "2"
+SCENES_VERSION = "3"
+OWNER_DOMAIN = "spotlight"
+LIGHTINGS = ("flat", OWNER_DOMAIN)
 
 
 def _all_combinations() -> list[tuple[str, str, str, str, str]]:
@@ -68,7 +77,14 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) 
     return dist * radius
 
 
-def render_scene(combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int) -> np.ndarray:
+def lighting_of(index: int) -> str:
+    """Alternate, so any prefix of the pool (a smaller --dataset-size) keeps both domains."""
+    return LIGHTINGS[index % 2]
+
+
+def render_scene(
+    combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int, lighting: str = "flat"
+) -> np.ndarray:
     size, color, shape, pos, bg = combo
     r = resolution
     coords = (np.arange(r, dtype=np.float64) + 0.5) / r
@@ -88,6 +104,9 @@ def render_scene(combo: tuple[str, str, str, str, str], rng: np.random.Generator
     mask = np.clip(0.5 - dist * r, 0.0, 1.0)[..., None]
     fg = np.asarray(COLORS[color])[None, None, :] * shade
     image = image * (1 - mask) + fg * mask
+    if lighting == OWNER_DOMAIN:
+        # Multiplicative falloff from the centre: corners at about 40%, the centre slightly brighter.
+        image = image * (1.15 - 1.1 * np.hypot(x - 0.5, y - 0.5))[..., None]
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -123,6 +142,11 @@ class ScenesDataset:
     def image(self, index: int) -> np.ndarray:
         return _render_cached(self._combos[index], self.seed, index, self.resolution)
 
+    @property
+    def owner_pool(self) -> Sequence[int]:
+        """The indices the owner's data (members, non-members, auxiliary, utility) may come from."""
+        return range(1, len(self), 2)
+
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -130,17 +154,19 @@ class ScenesDataset:
             "size": len(self),
             "resolution": self.resolution,
             "generator_seed": self.seed,
+            # Where the public split and the owner's data come from (see the module docstring).
+            "domains": {"public": "flat and spotlight lighting", "owner": "spotlight lighting (odd indices)"},
         }
 
 
 @lru_cache(maxsize=8192)
 def _render_cached(combo: tuple[str, str, str, str, str], seed: int, index: int, resolution: int) -> np.ndarray:
-    image = render_scene(combo, np.random.default_rng([seed, index]), resolution)
+    image = render_scene(combo, np.random.default_rng([seed, index]), resolution, lighting_of(index))
     image.setflags(write=False)
     return image
 
 
 @register_dataset("scenes")
 def build_scenes(spec: DatasetSpec) -> ImageTextDataset:
-    """Procedural captioned scenes (no download); per-image lighting and jitter left out of captions."""
+    """Procedural captioned scenes (no download); the owner's data is spotlit, the public split mixed."""
     return ScenesDataset(resolution=spec.resolution, size=spec.size or DEFAULT_SIZE)

@@ -4,10 +4,15 @@ Members and non-members are drawn from the same shuffled pool, so they share one
 distribution; a result on shifted sets would measure the shift, not membership.
 The public part depends only on `public_seed`, so changing the run seed reuses the
 cached base model.
+
+A dataset may confine the owner's data to one domain (`owner_pool`): the public
+split is then still drawn from the whole pool, and members, non-members,
+auxiliary and utility-eval images only from that domain.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,8 +47,13 @@ class Splits:
         return asdict(self)
 
 
-def make_splits(pool_size: int, sizes: SplitSizes, *, public_seed: int, seed: int) -> Splits:
+def make_splits(
+    pool_size: int, sizes: SplitSizes, *, public_seed: int, seed: int, owner_pool: Sequence[int] | None = None
+) -> Splits:
     """Split `range(pool_size)` deterministically.
+
+    Args:
+        owner_pool: indices the owner's sets may come from (default: the whole pool).
 
     Raises:
         ConfigError: the requested sizes do not fit in the pool.
@@ -62,6 +72,16 @@ def make_splits(pool_size: int, sizes: SplitSizes, *, public_seed: int, seed: in
     public_order = np.random.default_rng(public_seed).permutation(pool_size)
     public = np.sort(public_order[: sizes.public])
     rest = public_order[sizes.public :]
+    if owner_pool is not None:
+        rest = rest[np.isin(rest, np.asarray(owner_pool))]
+        owner_sets = sizes.total - sizes.public
+        if owner_sets > len(rest):
+            raise ConfigError(
+                f"the owner's sets need {owner_sets} images (members {sizes.members}, non-members "
+                f"{sizes.nonmembers}, auxiliary {sizes.auxiliary}, utility {sizes.utility}) from the owner's "
+                f"domain, which has {len(rest)} left after the public split of {sizes.public}; lower those "
+                "sizes or --public, or use a larger --dataset-size"
+            )
     rest = rest[np.random.default_rng([public_seed, seed]).permutation(len(rest))]
     bounds = np.cumsum([sizes.members, sizes.nonmembers, sizes.auxiliary, sizes.utility])
     members, nonmembers, auxiliary, utility, _ = np.split(rest, bounds)
