@@ -62,10 +62,12 @@ class DPSGDConfig(DefenseConfig):
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
     # True: cryptographically secure noise (slow, not reproducible); False: seeded.
     secure_mode: bool = False
-    # DP-SGD's own recipe (None: the fine-tuning recipe's). The noise is calibrated for
-    # these epochs, and a learning rate tuned for clean gradients walks a noisy model away.
-    learning_rate: float | None = None
-    epochs: int | None = None
+    # Caps on the fine-tuning recipe (None: no cap). A learning rate tuned for clean
+    # gradients lets the noise walk the model away from the base (on the embedded default,
+    # 3e-3 for 600 epochs left every epsilon worse than not fine-tuning at all), and the noise
+    # is calibrated for the epochs actually run. Chosen on the embedded default (README).
+    max_learning_rate: float | None = 1e-4
+    max_epochs: int | None = 100
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -105,13 +107,17 @@ class DPSGDConfig(DefenseConfig):
             )
         if self.max_physical_batch_size < 1:
             raise ConfigError(f"dpsgd max_physical_batch_size must be >= 1, got {self.max_physical_batch_size}")
-        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if self.max_learning_rate is not None and not (
+            math.isfinite(self.max_learning_rate) and self.max_learning_rate > 0
+        ):
             raise ConfigError(
-                f"dpsgd learning_rate must be a finite number > 0, got {self.learning_rate} "
-                "(or none for the fine-tuning recipe's)"
+                f"dpsgd max_learning_rate must be a finite number > 0, got {self.max_learning_rate} "
+                "(or none to keep the fine-tuning recipe's)"
             )
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"dpsgd epochs must be >= 1, got {self.epochs} (or none for the fine-tuning recipe's)")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(
+                f"dpsgd max_epochs must be >= 1, got {self.max_epochs} (or none to keep the fine-tuning recipe's)"
+            )
 
 
 @functools.cache
@@ -182,8 +188,8 @@ class DPSGDHooks(TrainingHooks):
         cfg = self.config
         return dataclasses.replace(
             config,
-            learning_rate=cfg.learning_rate if cfg.learning_rate is not None else config.learning_rate,
-            epochs=cfg.epochs if cfg.epochs is not None else config.epochs,
+            learning_rate=min(config.learning_rate, cfg.max_learning_rate or math.inf),
+            epochs=min(config.epochs, cfg.max_epochs or config.epochs),
         )
 
     def setup(self, state: TrainingState) -> None:

@@ -129,12 +129,17 @@ def test_target_epsilon_is_met(tiny_model_dir: Path, data) -> None:  # type: ign
     assert _pld_epsilon(dp["noise_multiplier"], 1.0, 2, dp["delta"]) == pytest.approx(dp["epsilon"], abs=PLD_TOLERANCE)
 
 
-def test_dp_recipe_overrides_epochs_and_learning_rate_and_calibrates_for_them(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
-    # The fine-tuning recipe says 5 epochs at 1e-3; DP-SGD runs its own 3 at 2e-4, and its
+def test_dp_recipe_caps_epochs_and_learning_rate_and_calibrates_for_them(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
+    # The fine-tuning recipe says 5 epochs at 1e-3; DP-SGD caps them at 3 and 2e-4, and its
     # noise is calibrated so that those 3 epochs, not 5, spend the target epsilon.
     recipe = TrainConfig(epochs=5, batch_size=12, learning_rate=1e-3)
-    defense = resolve("dpsgd.eps4", {"epochs": "3", "learning_rate": "2e-4"})
+    defense = resolve("dpsgd.eps4", {"max_epochs": "3", "max_learning_rate": "2e-4"})
     assert defense.recipe(recipe).epochs == 3 and defense.recipe(recipe).learning_rate == 2e-4
+    # Caps, not settings: a gentler recipe is kept; none lifts a cap.
+    gentle = TrainConfig(epochs=2, batch_size=12, learning_rate=1e-5)
+    assert defense.recipe(gentle) == gentle
+    uncapped = resolve("dpsgd", {"max_epochs": "none", "max_learning_rate": "none"})
+    assert uncapped.recipe(recipe) == recipe
     model = load_model(tiny_model_dir)
     result = defense.fine_tune(model=model, images=data[0], captions=data[1], train_config=recipe)
     dp = result.details["dpsgd"]
@@ -142,10 +147,10 @@ def test_dp_recipe_overrides_epochs_and_learning_rate_and_calibrates_for_them(ti
     assert dp["learning_rate"] == 2e-4
     assert 3.9 <= dp["epsilon"] <= 4.0 + 0.01
     assert _pld_epsilon(dp["noise_multiplier"], 1.0, 3, dp["delta"]) == pytest.approx(dp["epsilon"], abs=PLD_TOLERANCE)
-    with pytest.raises(ConfigError, match="learning_rate must be a finite number > 0"):
-        resolve("dpsgd", {"learning_rate": "0"})
-    with pytest.raises(ConfigError, match="epochs must be >= 1"):
-        resolve("dpsgd", {"epochs": "0"})
+    with pytest.raises(ConfigError, match="max_learning_rate must be a finite number > 0"):
+        resolve("dpsgd", {"max_learning_rate": "0"})
+    with pytest.raises(ConfigError, match="max_epochs must be >= 1"):
+        resolve("dpsgd", {"max_epochs": "0"})
 
 
 def test_model_is_unwrapped_changed_and_saveable(prv_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
