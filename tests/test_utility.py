@@ -216,6 +216,19 @@ def test_fid_weights_without_torch_fidelity_says_what_to_install(tmp_path: Path)
         check_fid_weights(shaped)
 
 
+def test_torch_fidelity_that_fails_to_import_names_the_torchvision_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "torch_fidelity" else real_find_spec(name, *a)
+    )
+    # A None entry in sys.modules makes the import fail, as torchvision's operator registration does here.
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(ConfigError, match="installed but fails to import.*torchvision.*matching pair"):
+        fidelity_inception()
+
+
 def test_reference_cache_is_rebuilt_when_corrupt(tmp_path: Path) -> None:
     images, captions = _scene_batch(24, resolution=8)
     public = TrainingData.from_arrays(images.permute(0, 2, 3, 1).numpy(), captions, name="public")
