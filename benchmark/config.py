@@ -268,7 +268,7 @@ def _micro() -> RunConfig:
     # Seconds-long: for tests and smoke checks only; numbers from it mean nothing.
     return RunConfig(
         preset="micro",
-        dataset_size=240,
+        dataset_size=400,
         resolution=8,
         public=120,
         members=8,

@@ -20,10 +20,14 @@ from benchmark.data.splits import SplitSizes, make_splits, shadow_split
 
 @pytest.fixture(scope="module")
 def embedded() -> dict[str, np.ndarray]:
-    """300/300 target members/non-members and a 300/300 shadow, scenes at 8 px (no model needed)."""
-    ds = ScenesDataset(resolution=8, size=1200)
+    """300/300 target members/non-members and a 300/300 shadow of the owner's domain, 8 px (no model needed)."""
+    ds = ScenesDataset(resolution=8, size=2400)
     splits = make_splits(
-        1200, SplitSizes(public=0, members=300, nonmembers=300, auxiliary=600, utility=0), public_seed=0, seed=0
+        len(ds),
+        SplitSizes(public=0, members=300, nonmembers=300, auxiliary=600, utility=0),
+        public_seed=0,
+        seed=0,
+        owner_pool=ds.owner_pool,
     )
     shadow = shadow_split(splits, members=300, nonmembers=300, target_member_overlap=0.0, seed=0)
     encoder = build_encoder("pixels")

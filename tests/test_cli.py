@@ -102,7 +102,7 @@ def test_folder_dataset_without_path(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["--generations", "0"], "generations_per_query must be >= 1"),
         (["--query-batch", "0"], "query_batch must be >= 1"),
         (["--scenario", "I", "--members", "3"], "the target has only 3"),
-        (["--scenario", "all", "--members", "200"], "but the dataset has 240"),
+        (["--scenario", "all", "--members", "200"], "owner's domain, which has 142 left"),
         (["--query-access", "fax"], "unknown query access 'fax'"),
         (["--query-access", "img2img", "--strength", "0"], "strength must be in (0, 1]"),
         (["--shadow", "clever"], "unknown shadow mode 'clever'"),

@@ -4,7 +4,8 @@ Three layers:
 - the committed reference results (produced by `python -m benchmark suite` on the
   default preset) must rebuild to the committed LEADERBOARD.md and show the
   findings: DP-SGD pulls the attack toward chance; scenario I is at least as
-  strong as IV;
+  strong as IV; utility orders the base model, the fine-tuned model and DP-SGD
+  at epsilon 1 as expected;
 - a CI-sized run shows that more fine-tuning epochs raise the attack's AUC
   (in test_attack_signal.py, beside the overfit model it already trains);
 - slow tests (`pytest -m slow`) re-run a few reference cells from an empty cache
@@ -81,6 +82,17 @@ def test_dpsgd_pulls_the_attack_toward_chance(reference_tables: dict[str, Table]
             assert abs(auc - 0.5) < undefended, (scenario, name, auc)
             # With 64 non-members the worst case over three attack models strays ~0.1 from chance.
             assert abs(auc - 0.5) <= 0.15, (scenario, name, auc)
+
+
+def test_utility_orders_base_model_fine_tuned_and_dp_at_epsilon_one(reference_tables: dict[str, Table]) -> None:
+    # Fine-tuning adapts the model to the owner's (spotlit) domain, which the base model only half
+    # covers; DP-SGD at epsilon 1 keeps little of that adaptation. Utility is per unit, the same in
+    # every scenario's table.
+    for scenario, table in reference_tables.items():
+        rows = {r.defense: r for r in table.rows}
+        base, tuned, dp1 = rows[BASE_MODEL_ROW], rows["none"], rows["dpsgd.eps1"]
+        assert tuned.fid < dp1.fid < base.fid, (scenario, tuned.fid, dp1.fid, base.fid)  # type: ignore[operator]
+        assert tuned.clip > dp1.clip > base.clip, (scenario, tuned.clip, dp1.clip, base.clip)  # type: ignore[operator]
 
 
 def test_scenario_one_is_at_least_as_strong_as_four(reference_tables: dict[str, Table]) -> None:
