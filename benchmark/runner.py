@@ -290,6 +290,7 @@ def run_matrix(
                     scenario_target_queries,
                     attack_config,
                     encoder,
+                    persist=_control_identity(config, base),
                 )
             baseline_shadow = None
             if config.baseline:
@@ -351,15 +352,75 @@ class _MatrixState:
         queries: list[Query],
         config: AttackConfig,
         encoder: ImageEncoder,
+        *,
+        persist: tuple[Path, dict[str, object]] | None = None,
     ) -> ScoredQueries:
-        """Score `queries` on `box` once: the same model, queries and captions give the same scores."""
+        """Score `queries` on `box` once: the same model, queries and captions give the same scores.
+
+        `persist` = (cache folder, what identifies the model): keep the scores on disk
+        too, for the base-model control, which every defense of a suite shares.
+        """
         key = cache_key(
             {"model": model_key, "ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}
         )
-        if key not in self.scores:
-            with timer.stage(stage, total=len(queries)) as advance:
+        if key in self.scores:
+            return self.scores[key]
+        with timer.stage(stage, total=len(queries)) as advance:
+            if persist is None:
                 self.scores[key] = score_queries(box, queries, config, encoder=encoder, progress=advance)
+            else:
+                self.scores[key] = _persisted_scores(
+                    persist,
+                    lambda: score_queries(box, queries, config, encoder=encoder, progress=advance),
+                    queries=queries,
+                    config=config,
+                    encoder=encoder,
+                )
         return self.scores[key]
+
+
+def _persisted_scores(
+    persist: tuple[Path, dict[str, object]],
+    compute: Callable[[], ScoredQueries],
+    *,
+    queries: list[Query],
+    config: AttackConfig,
+    encoder: ImageEncoder,
+) -> ScoredQueries:
+    """Scores cached on disk (npy + JSON, nothing unpickled), keyed by model, queries and attack settings."""
+    cache_dir, model = persist
+    attack = {k: v for k, v in config.to_dict().items() if k not in ("scenario", "attack_model")}
+    inputs = {
+        "model": model,
+        "queries": cache_key({"ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}),
+        "attack": attack,
+        "encoder": encoder.describe(),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+    def build(folder: Path) -> None:
+        scored = compute()
+        np.save(folder / "scores.npy", scored.scores)
+        meta = {k: v for k, v in dataclasses.asdict(scored).items() if k != "scores"}
+        (folder / "scored.json").write_text(json.dumps(meta))
+
+    def load(folder: Path) -> ScoredQueries:
+        meta = json.loads((folder / "scored.json").read_text())
+        scores = np.load(folder / "scores.npy", allow_pickle=False)
+        if meta["query_ids"] != [q.query_id for q in queries] or len(scores) != len(queries):
+            raise ValueError("cached scores belong to other queries")
+        return ScoredQueries(scores=scores, **meta)
+
+    scored, _, _ = cached(cache_dir, "control-scores", inputs, build, load)
+    return scored
+
+
+def _control_identity(config: RunConfig, base: BaseModel) -> tuple[Path, dict[str, object]] | None:
+    """Where the control's scores may be kept, or None when the base model or encoder is a user
+    folder whose contents could change under the same path."""
+    if config.encoder_path is not None or not base.model_dir.resolve().is_relative_to(config.cache_path.resolve()):
+        return None
+    return config.cache_path, {"base_model": base.model_dir.name, "sampling": config.sampling.to_dict()}
 
 
 def _cell_record(

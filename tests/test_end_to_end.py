@@ -156,3 +156,32 @@ def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsy
     assert code == 130
     assert "no partial result was written" in capsys.readouterr().err
     assert _files(results) == []
+
+
+def test_base_model_control_scores_are_kept_on_disk_for_other_defenses(micro_run, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    entries = list((micro_run.cache_dir / "control-scores").iterdir())
+    assert len(entries) == 1 and (entries[0] / "scores.npy").is_file()
+    scored: list[str] = []
+    original = runner.score_queries
+
+    def counting(target, queries, config, **kwargs):  # type: ignore[no-untyped-def]
+        scored.append(target.name)
+        return original(target, queries, config, **kwargs)
+
+    monkeypatch.setattr(runner, "score_queries", counting)
+    config = micro_run.config.replace(defense="lora.r1", results_dir=tmp_path / "results")
+    record = runner.run(config, show_progress=False).record
+    # The same base model, queries and attack settings: the control is read, not generated again.
+    assert "base" not in scored and {"target", "shadow"} <= set(scored)
+    # Same scores, so the same AUC; the decision threshold comes from this defense's shadow.
+    assert record.control["auc"] == micro_run.outcome.record.control["auc"]
+
+
+def test_control_scores_of_a_user_model_folder_are_not_kept(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from benchmark.models.registry import BaseModel
+
+    user_folder = BaseModel(model_dir=tmp_path / "my-sd15", from_cache=False, description={})
+    cached_base = BaseModel(model_dir=micro_run.cache_dir / "base-tiny" / "abc", from_cache=True, description={})
+    assert runner._control_identity(micro_run.config, user_folder) is None
+    assert runner._control_identity(micro_run.config, cached_base) is not None
+    assert runner._control_identity(micro_run.config.replace(encoder_path=tmp_path), cached_base) is None
