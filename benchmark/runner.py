@@ -202,7 +202,15 @@ def run_matrix(
                 if config.control:
                     # The same protocol on the model before fine-tuning: the reference point
                     # a defense's utility cost is read against.
-                    utility = utility.with_base_model(measure(base.load(), None))
+                    utility = utility.with_base_model(
+                        _base_model_utility(
+                            config,
+                            base,
+                            utility,
+                            {"dataset": dataset.describe(), "ids": [dataset.ids[i] for i in splits.utility]},
+                            lambda: measure(base.load(), None),
+                        )
+                    )
         shared_timings = {k: round(v, 3) for k, v in timer.timings.items()}
 
         target_queries, target_labels = _target_queries(dataset, splits, seed=config.seed)
@@ -413,6 +421,35 @@ def _persisted_scores(
 
     scored, _, _ = cached(cache_dir, "control-scores", inputs, build, load)
     return scored
+
+
+def _base_model_utility(
+    config: RunConfig,
+    base: BaseModel,
+    target: UtilityResult,
+    eval_set: dict[str, object],
+    compute: Callable[[], UtilityResult],
+) -> UtilityResult:
+    """The base model's utility, kept on disk like the control's scores: the same for every defense."""
+    identity = _control_identity(config, base)
+    if identity is None or config.clip_model is not None or config.fid_weights is not None:
+        return compute()
+    cache_dir, model = identity
+    # The target's figures came from the same eval set, networks and settings: its details name them.
+    protocol = {k: v for k, v in target.details.items() if k not in ("fid", "kid_mean", "kid_std", "clip_score")}
+    protocol["clip_model"] = {
+        k: v for k, v in protocol.get("clip_model", {}).items() if k not in ("from_cache", "cache_key")
+    }
+    inputs = {"model": model, "protocol": protocol, "eval_set": cache_key(eval_set)}
+
+    def build(folder: Path) -> None:
+        (folder / "utility.json").write_text(json.dumps(dataclasses.asdict(compute())))
+
+    def load(folder: Path) -> UtilityResult:
+        return UtilityResult(**json.loads((folder / "utility.json").read_text()))
+
+    result, _, _ = cached(cache_dir, "base-utility", inputs, build, load)
+    return result
 
 
 def _control_identity(config: RunConfig, base: BaseModel) -> tuple[Path, dict[str, object]] | None:

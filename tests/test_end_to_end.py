@@ -158,23 +158,33 @@ def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsy
     assert _files(results) == []
 
 
-def test_base_model_control_scores_are_kept_on_disk_for_other_defenses(micro_run, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_base_model_control_is_kept_on_disk_for_other_defenses(micro_run, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     entries = list((micro_run.cache_dir / "control-scores").iterdir())
     assert len(entries) == 1 and (entries[0] / "scores.npy").is_file()
+    assert len(list((micro_run.cache_dir / "base-utility").iterdir())) == 1
     scored: list[str] = []
-    original = runner.score_queries
+    measured: list[object] = []
+    original, original_utility = runner.score_queries, runner.measure_utility
 
     def counting(target, queries, config, **kwargs):  # type: ignore[no-untyped-def]
         scored.append(target.name)
         return original(target, queries, config, **kwargs)
 
+    def counting_utility(**kwargs):  # type: ignore[no-untyped-def]
+        measured.append(kwargs["model"])
+        return original_utility(**kwargs)
+
     monkeypatch.setattr(runner, "score_queries", counting)
+    monkeypatch.setattr(runner, "measure_utility", counting_utility)
     config = micro_run.config.replace(defense="lora.r1", results_dir=tmp_path / "results")
     record = runner.run(config, show_progress=False).record
     # The same base model, queries and attack settings: the control is read, not generated again.
     assert "base" not in scored and {"target", "shadow"} <= set(scored)
     # Same scores, so the same AUC; the decision threshold comes from this defense's shadow.
     assert record.control["auc"] == micro_run.outcome.record.control["auc"]
+    # The base model's utility too: only the target is measured.
+    assert len(measured) == 1
+    assert record.utility["base_model"] == micro_run.outcome.record.utility["base_model"]
 
 
 def test_control_scores_of_a_user_model_folder_are_not_kept(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
