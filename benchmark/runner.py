@@ -298,7 +298,8 @@ def run_matrix(
                     scenario_target_queries,
                     attack_config,
                     encoder,
-                    persist=_control_identity(config, base),
+                    # An `hf` encoder is named by its folder path only, whose contents could change.
+                    persist=_cached_base(config, base) if config.encoder_path is None else None,
                 )
             baseline_shadow = None
             if config.baseline:
@@ -414,10 +415,7 @@ def _persisted_scores(
 
     def load(folder: Path) -> ScoredQueries:
         meta = json.loads((folder / "scored.json").read_text())
-        scores = np.load(folder / "scores.npy", allow_pickle=False)
-        if meta["query_ids"] != [q.query_id for q in queries] or len(scores) != len(queries):
-            raise ValueError("cached scores belong to other queries")
-        return ScoredQueries(scores=scores, **meta)
+        return ScoredQueries(scores=np.load(folder / "scores.npy", allow_pickle=False), **meta)
 
     scored, _, _ = cached(cache_dir, "control-scores", inputs, build, load)
     return scored
@@ -431,11 +429,12 @@ def _base_model_utility(
     compute: Callable[[], UtilityResult],
 ) -> UtilityResult:
     """The base model's utility, kept on disk like the control's scores: the same for every defense."""
-    identity = _control_identity(config, base)
-    if identity is None or config.clip_model is not None or config.fid_weights is not None:
+    identity = _cached_base(config, base)
+    if identity is None:
         return compute()
     cache_dir, model = identity
-    # The target's figures came from the same eval set, networks and settings: its details name them.
+    # The target's figures came from the same eval set, networks (by weights hash) and settings:
+    # its details name them.
     protocol = {k: v for k, v in target.details.items() if k not in ("fid", "kid_mean", "kid_std", "clip_score")}
     protocol["clip_model"] = {
         k: v for k, v in protocol.get("clip_model", {}).items() if k not in ("from_cache", "cache_key")
@@ -452,10 +451,10 @@ def _base_model_utility(
     return result
 
 
-def _control_identity(config: RunConfig, base: BaseModel) -> tuple[Path, dict[str, object]] | None:
-    """Where the control's scores may be kept, or None when the base model or encoder is a user
-    folder whose contents could change under the same path."""
-    if config.encoder_path is not None or not base.model_dir.resolve().is_relative_to(config.cache_path.resolve()):
+def _cached_base(config: RunConfig, base: BaseModel) -> tuple[Path, dict[str, object]] | None:
+    """(cache folder, identity of the base model and its sampling) for work done on the base model,
+    or None when the base model is a user folder whose contents could change under the same path."""
+    if not base.model_dir.resolve().is_relative_to(config.cache_path.resolve()):
         return None
     return config.cache_path, {"base_model": base.model_dir.name, "sampling": config.sampling.to_dict()}
 

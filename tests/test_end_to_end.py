@@ -187,11 +187,10 @@ def test_base_model_control_is_kept_on_disk_for_other_defenses(micro_run, tmp_pa
     assert record.utility["base_model"] == micro_run.outcome.record.utility["base_model"]
 
 
-def test_control_scores_of_a_user_model_folder_are_not_kept(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_base_model_work_of_a_user_model_folder_is_not_kept(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from benchmark.models.registry import BaseModel
 
     user_folder = BaseModel(model_dir=tmp_path / "my-sd15", from_cache=False, description={})
     cached_base = BaseModel(model_dir=micro_run.cache_dir / "base-tiny" / "abc", from_cache=True, description={})
-    assert runner._control_identity(micro_run.config, user_folder) is None
-    assert runner._control_identity(micro_run.config, cached_base) is not None
-    assert runner._control_identity(micro_run.config.replace(encoder_path=tmp_path), cached_base) is None
+    assert runner._cached_base(micro_run.config, user_folder) is None
+    assert runner._cached_base(micro_run.config, cached_base) is not None
