@@ -14,7 +14,7 @@ from attacks.captioners import Captioner
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, ImageEncoder
 from attacks.scenarios import QueryAccess, Scenario
-from benchmark.target import BlackBoxTarget
+from benchmark.pipeline.target import BlackBoxTarget
 
 ProgressFn = Callable[[int], None]
 

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_curve
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from benchmark.registry import Registry
+from benchmark.kernel.registry import Registry
 
 
 class AttackModel(ABC):

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.training_data import TrainingData
-from benchmark.cache import cached
-from benchmark.errors import ConfigError, ModelError
-from benchmark.registry import Registry
+from benchmark.kernel.cache import cached
+from benchmark.kernel.errors import ConfigError, ModelError
+from benchmark.kernel.registry import Registry
 
 
 class Captioner(Protocol):

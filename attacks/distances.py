@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmark.registry import Registry
+from benchmark.kernel.registry import Registry
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DISTANCES: Registry[Similarity] = Registry("distance")

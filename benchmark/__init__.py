@@ -7,4 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-__version__ = "0.1.0"
+from benchmark.kernel.version import __version__  # noqa: E402
+
+__all__ = ["__version__"]

@@ -1,7 +1,7 @@
-"""`python -m benchmark`: dispatch only; each subcommand lives in benchmark.cli."""
+"""`python -m benchmark`: dispatch only; each subcommand lives in benchmark.app.cli."""
 
 import sys
 
-from benchmark.cli import main
+from benchmark.app.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 Built-ins: none, dpsgd, lora, augment, early_stop (and compositions such as
 dpsgd+lora). Third-party defenses arrive through the `benchmark.defenses`
-entry-point group (see `benchmark.plugins`). Build one with `resolve`:
+entry-point group (see `benchmark.kernel.plugins`). Build one with `resolve`:
 
     resolve("dpsgd.eps8", {"clipping_norm": "0.5"})
 """

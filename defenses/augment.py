@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainingHooks, TrainingState
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.finetune import TrainingHooks, TrainingState
 from defenses.base import Defense, DefenseConfig, register_defense
 
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale uses.

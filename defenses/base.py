@@ -2,7 +2,7 @@
 
 A defense is a class with a frozen, typed `Config` dataclass, registered with
 `@register_defense("name", presets={...})`. Most defenses change training only
-through `TrainingHooks` (see `benchmark.finetune`): they override
+through `TrainingHooks` (see `benchmark.pipeline.finetune`): they override
 `training_hooks()`, inherit `fine_tune()`, and can then be composed with other
 defenses (`dpsgd+lora`). A defense that overrides `fine_tune()` itself works on
 its own but cannot be composed.
@@ -18,10 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from benchmark.errors import BenchmarkError, ConfigError, DefenseError
-from benchmark.finetune import StepCallback, TrainConfig, TrainingHooks, TrainReport, train
-from benchmark.models.diffusion import DiffusionModel
-from benchmark.registry import Registry
+from benchmark.kernel.errors import BenchmarkError, ConfigError, DefenseError
+from benchmark.kernel.plugins import component_origin
+from benchmark.kernel.registry import Registry
+from benchmark.pipeline.finetune import ComposedHooks, StepCallback, TrainConfig, TrainingHooks, TrainReport, train
+from benchmark.pipeline.models.diffusion import DiffusionModel
 
 ENTRY_POINT_GROUP = "benchmark.defenses"
 
@@ -131,8 +132,6 @@ class ComposedDefense(Defense):
         train_config: TrainConfig,
         on_step: StepCallback | None = None,
     ) -> FineTuneResult:
-        from benchmark.finetune import ComposedHooks
-
         hooks = [part.training_hooks() for part in self.parts]
         with _failures_named(self.name):
             report = train(model, images, captions, train_config, on_step=on_step, hooks=ComposedHooks(hooks))
@@ -140,8 +139,6 @@ class ComposedDefense(Defense):
         return FineTuneResult(report=report, details={k: v for k, v in details.items() if v})
 
     def describe(self) -> dict[str, object]:
-        from benchmark.plugins import component_origin
-
         components = []
         for part in sorted(self.parts, key=lambda d: d.name):
             origin = component_origin(DEFENSES, part.name) if part.name in DEFENSES else type(part).__module__
@@ -167,8 +164,6 @@ def _failures_named(name: str) -> Iterator[None]:
     except BenchmarkError:
         raise
     except Exception as exc:
-        from benchmark.plugins import component_origin
-
         try:
             origin = component_origin(DEFENSES, name)
         except Exception:  # the origin is only decoration here

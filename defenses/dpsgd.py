@@ -35,8 +35,8 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmark.errors import ConfigError, DefenseError
-from benchmark.finetune import TrainConfig, TrainingHooks, TrainingState
+from benchmark.kernel.errors import ConfigError, DefenseError
+from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, TrainingState
 from defenses.base import Defense, DefenseConfig, register_defense
 
 ACCOUNTANTS = ("prv", "rdp")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainingHooks, TrainingState, diffusion_loss
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.finetune import TrainingHooks, TrainingState, diffusion_loss
 from defenses.base import Defense, DefenseConfig, register_defense
 
 

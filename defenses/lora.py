@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from importlib import metadata
 
-from benchmark.errors import ConfigError, DefenseError
-from benchmark.finetune import TrainingHooks, TrainingState
+from benchmark.kernel.errors import ConfigError, DefenseError
+from benchmark.pipeline.finetune import TrainingHooks, TrainingState
 from defenses.base import Defense, DefenseConfig, register_defense
 
 # The paper's setup (and diffusers' train_text_to_image_lora.py).

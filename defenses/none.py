@@ -9,4 +9,4 @@ from defenses.base import Defense, register_defense
 class NoDefense(Defense):
     """Plain noise-prediction fine-tuning (no augmentation, clipping or noise)."""
 
-    # The default hooks are the plain recipe of benchmark.finetune.train.
+    # The default hooks are the plain recipe of benchmark.pipeline.finetune.train.

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from benchmark.errors import ConfigError
-from benchmark.plugins import plugins_disabled
-from benchmark.registry import Registry, RegistryError
+from benchmark.kernel.errors import ConfigError
+from benchmark.kernel.plugins import plugins_disabled
+from benchmark.kernel.registry import Registry, RegistryError
 from defenses.base import DEFENSES, ComposedDefense, Defense
 
 Overrides = Mapping[str, object] | Iterable[tuple[str, object]]

@@ -30,8 +30,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-from benchmark.finetune import TrainConfig
-from benchmark.models.diffusion import DiffusionModel, load_model
+from benchmark.pipeline.data.base import images_to_tensor
+from benchmark.pipeline.data.scenes import ScenesDataset
+from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.models.diffusion import DiffusionModel, load_model
+from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 from defenses.base import ComposedDefense, Defense, FineTuneResult
 from defenses.resolve import resolve
 
@@ -61,9 +64,6 @@ class DefenseContract:
 
     @pytest.fixture(scope="class")
     def contract_data(self) -> tuple[torch.Tensor, list[str], list[str]]:
-        from benchmark.data.base import images_to_tensor
-        from benchmark.data.scenes import ScenesDataset
-
         dataset = ScenesDataset(resolution=self.resolution, size=max(40, self.members))
         captions = [dataset.caption(i) for i in range(len(dataset))]
         images = images_to_tensor([dataset.image(i) for i in range(self.members)])
@@ -73,8 +73,6 @@ class DefenseContract:
     def contract_model_dir(
         self, tmp_path_factory: pytest.TempPathFactory, contract_data: tuple[torch.Tensor, list[str], list[str]]
     ) -> Path:
-        from benchmark.models.tiny import TinyModelConfig, build_tiny_model
-
         model = build_tiny_model(corpus=contract_data[2], resolution=self.resolution, config=TinyModelConfig(), seed=0)
         folder = tmp_path_factory.mktemp("contract") / "base"
         model.save(folder)

@@ -14,12 +14,14 @@ import re
 import statistics
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import BenchmarkError
-from benchmark.results import RecordError, find_epsilon, validate
+from benchmark.kernel.errors import BenchmarkError
+from benchmark.pipeline.records import RecordError, find_epsilon, validate
+from leaderboard import plots as plotting
+from leaderboard.tables import BASE_MODEL_ROW, Entry, Row, Table, pareto
 
 PLOTS_DIRNAME = "leaderboard_plots"
 LOW_FPRS = (0.01, 0.001)
@@ -34,59 +36,6 @@ class LeaderboardError(BenchmarkError):
 class Skipped:
     path: str
     reason: str
-
-
-@dataclass
-class Entry:
-    """One valid record, reduced to what the leaderboard shows."""
-
-    path: str
-    dataset: str
-    scenario: str
-    defense: str
-    attack_model: str
-    seed: int
-    auc: float
-    auc_ci: tuple[float, float] | None
-    # target FPR -> (tpr, ci, n_nonmembers, supported)
-    tpr: dict[float, tuple[float, tuple[float, float] | None, int, bool]]
-    epsilon: float | None
-    utility_key: tuple[str, str]
-    fid: float | None
-    kid: float | None
-    clip: float | None
-    labels: list[int]
-    scores: list[float]
-    # The control: the same fitted attack on the base model, and the base model's utility.
-    control_auc: float | None = None
-    control_auc_ci: tuple[float, float] | None = None
-    base_fid: float | None = None
-    base_kid: float | None = None
-    base_clip: float | None = None
-
-
-BASE_MODEL_ROW = "base model, not fine-tuned (reference)"
-
-
-@dataclass
-class Row:
-    defense: str
-    seeds: list[int]
-    attack_models: list[str]
-    cells: dict[str, str] = field(default_factory=dict)
-    auc: float = math.nan
-    fid: float | None = None
-    clip: float | None = None
-    pareto: bool = False
-    reference: bool = False
-
-
-@dataclass
-class Table:
-    dataset: str
-    scenario: str
-    utility_key: tuple[str, str]
-    rows: list[Row]
 
 
 @dataclass
@@ -313,19 +262,6 @@ def _first(entries: list[Entry], get: Any) -> float | None:
     return None
 
 
-def pareto(points: list[tuple[float, ...]]) -> list[bool]:
-    """Non-dominated points, every coordinate lower-is-better."""
-    front = []
-    for i, p in enumerate(points):
-        dominated = any(
-            all(a <= b for a, b in zip(q, p, strict=True)) and any(a < b for a, b in zip(q, p, strict=True))
-            for j, q in enumerate(points)
-            if j != i
-        )
-        front.append(not dominated)
-    return front
-
-
 def aggregate(entries: list[Entry]) -> list[Table]:
     groups: dict[tuple[str, str, tuple[str, str]], dict[str, list[Entry]]] = defaultdict(lambda: defaultdict(list))
     for e in entries:
@@ -528,8 +464,6 @@ def build(results_dir: Path, output: Path | None = None, *, plots: bool = True) 
     images: dict[str, bytes] = {}
     links: dict[tuple[str, ...], str] = {}
     if plots:
-        from leaderboard import plots as plotting
-
         for table in tables:
             if any(r.fid is not None for r in table.rows):
                 name = f"{PLOTS_DIRNAME}/tradeoff-{slug(table.dataset, table.scenario, table.utility_key[1][:12])}.png"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,8 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from leaderboard.build import Entry, Table
+from leaderboard.tables import Entry, Table, pareto  # noqa: E402
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -48,8 +46,6 @@ def tradeoff(table: Table) -> bytes:
                 fontsize=7,
             )
         # The panel's own two-metric front, as a staircase; stars mark the front over all three metrics.
-        from leaderboard.build import pareto
-
         defenses = [r for r in chosen if not r.reference]
         sign = 1.0 if attr == "fid" else -1.0
         on_front = pareto([(r.auc, sign * getattr(r, attr)) for r in defenses])

@@ -1,7 +1,7 @@
 """Shared fixtures: one micro benchmark run per session, a tiny model, a fake dataset pool.
 
 Nothing here may touch ~/.cache: BENCHMARK_CACHE_DIR points at a temporary folder
-before any `benchmark` module is imported (benchmark.config freezes the presets'
+before any `benchmark` module is imported (benchmark.app.config freezes the presets'
 cache_dir at import time), and every run passes its cache_dir explicitly.
 """
 
@@ -52,8 +52,8 @@ def _isolated_cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 @dataclass
 class MicroRun:
-    config: object  # benchmark.config.RunConfig
-    outcome: object  # benchmark.runner.RunOutcome
+    config: object  # benchmark.app.config.RunConfig
+    outcome: object  # benchmark.app.runner.RunOutcome
     results_dir: Path
     cache_dir: Path
 
@@ -61,8 +61,8 @@ class MicroRun:
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
     """The micro preset, run once for the whole session (cold cache)."""
-    from benchmark.config import preset
-    from benchmark.runner import run
+    from benchmark.app.config import preset
+    from benchmark.app.runner import run
 
     root = tmp_path_factory.mktemp("micro")
     results_dir, cache_dir = root / "results", root / "cache"
@@ -73,7 +73,7 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
 
 @pytest.fixture(scope="session")
 def scene_captions() -> list[str]:
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=8, size=60)
     return [ds.caption(i) for i in range(len(ds))]
@@ -82,7 +82,7 @@ def scene_captions() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, scene_captions: list[str]) -> Path:
     """An untrained tiny model (8 px), saved once in diffusers' folder layout."""
-    from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+    from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 
     model = build_tiny_model(corpus=scene_captions, resolution=8, config=TinyModelConfig(), seed=0)
     folder = tmp_path_factory.mktemp("tiny") / "model"
@@ -96,9 +96,9 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import CLIPModel
 
-    from benchmark.data.scenes import ScenesDataset
-    from benchmark.models.tiny import TinyModelConfig, build_tokenizer
-    from benchmark.utility import ReferenceClipTraining, _clip_config, _processor
+    from benchmark.pipeline.data.scenes import ScenesDataset
+    from benchmark.pipeline.models.tiny import TinyModelConfig, build_tokenizer
+    from benchmark.pipeline.reference_networks import ReferenceClipTraining, _clip_config, _processor
 
     ds = ScenesDataset(resolution=8, size=60)
     training = ReferenceClipTraining(hidden_size=32, layers=1, projection_dim=16)

@@ -10,7 +10,7 @@ from attacks.attack import AttackConfig, Query, fit_attack_model, score_queries
 from attacks.attack_models import ATTACK_MODELS, ThresholdAttack
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, PixelEncoder
-from benchmark.target import BlackBoxTarget
+from benchmark.pipeline.target import BlackBoxTarget
 
 
 def _separable(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

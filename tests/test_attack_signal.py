@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmark.config import preset
-from benchmark.finetune import TrainConfig
-from benchmark.runner import run
-from benchmark.target import SamplingConfig
+from benchmark.app.config import preset
+from benchmark.app.runner import run
+from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.target import SamplingConfig
 
 
 def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 from attacks.attack import BASELINE_FEATURES, ModelFreeBaseline, image_features
 from attacks.attack_models import ATTACK_MODELS
 from attacks.encoders import build_encoder
-from benchmark.data.scenes import ScenesDataset
-from benchmark.data.splits import SplitSizes, make_splits, shadow_split
+from benchmark.pipeline.data.scenes import ScenesDataset
+from benchmark.pipeline.data.splits import SplitSizes, make_splits, shadow_split
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,17 @@ import pytest
 import torch
 
 import attacks
-from benchmark.models.diffusion import DiffusionModel, load_model
-from benchmark.target import BlackBoxTarget, SamplingConfig
+from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, load_model
+from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
 
 ATTACKS_DIR = Path(attacks.__file__).parent
-FORBIDDEN_MODULES = ("benchmark.models", "benchmark.finetune", "benchmark.data.splits", "benchmark.runner", "defenses")
+FORBIDDEN_MODULES = (
+    "benchmark.pipeline.models",
+    "benchmark.pipeline.finetune",
+    "benchmark.pipeline.data.splits",
+    "benchmark.app.runner",
+    "defenses",
+)
 
 
 class FakeGenerator:
@@ -63,13 +69,13 @@ def test_counters_are_read_only() -> None:
 
 def test_from_model_rejects_non_models() -> None:
     with pytest.raises(TypeError, match="DiffusionModel"):
-        BlackBoxTarget.from_model(torch.nn.Linear(2, 2), SamplingConfig(), name="x")
+        black_box(torch.nn.Linear(2, 2), SamplingConfig(), name="x")
 
 
 @pytest.fixture(scope="module")
 def model_target(tiny_model_dir: Path) -> BlackBoxTarget:
     model = load_model(tiny_model_dir)
-    return BlackBoxTarget.from_model(model, SamplingConfig(num_inference_steps=2), name="tiny")
+    return black_box(model, SamplingConfig(num_inference_steps=2), name="tiny")
 
 
 def test_from_model_generates_images(model_target: BlackBoxTarget) -> None:
@@ -121,7 +127,7 @@ def _imported_modules(tree: ast.AST, package: str) -> set[str]:
             else:
                 module = node.module or ""
             found.add(module)
-            # `from benchmark import models` imports benchmark.models.
+            # `from benchmark import models` imports benchmark.pipeline.models.
             found.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Call):
             func = node.func
@@ -171,15 +177,17 @@ def test_attacks_never_reach_private_attributes(path: Path) -> None:
 def test_static_checks_catch_violations() -> None:
     """The checkers above must flag what they look for (so they cannot pass vacuously)."""
     bad = ast.parse(
-        "from benchmark.models.diffusion import generate\n"
-        "from benchmark import runner\n"
+        "from benchmark.pipeline.models.diffusion import generate\n"
+        "from benchmark.app import runner\n"
         "import defenses.none\n"
         "from . import x\n"
     )
     found = _imported_modules(bad, "attacks")
-    assert {"benchmark.models.diffusion", "benchmark.runner", "defenses.none", "attacks.x"} <= found
-    assert all(_is_forbidden(m) for m in ("benchmark.models.diffusion", "benchmark.runner", "defenses.none"))
-    assert not _is_forbidden("benchmark.target") and not _is_forbidden("benchmark.modelsx")
+    assert {"benchmark.pipeline.models.diffusion", "benchmark.app.runner", "defenses.none", "attacks.x"} <= found
+    assert all(
+        _is_forbidden(m) for m in ("benchmark.pipeline.models.diffusion", "benchmark.app.runner", "defenses.none")
+    )
+    assert not _is_forbidden("benchmark.pipeline.target") and not _is_forbidden("benchmark.modelsx")
 
 
 def test_importing_attacks_loads_no_model_code() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.cache import CACHE_ENV, COMPLETE_MARKER, cache_key, cached, default_cache_dir
+from benchmark.kernel.cache import CACHE_ENV, COMPLETE_MARKER, cache_key, cached, default_cache_dir
 
 
 class Builder:
@@ -98,7 +98,7 @@ def test_default_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_preset_cache_dir_follows_env_set_after_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmark.config import RunConfig, preset
+    from benchmark.app.config import RunConfig, preset
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "late"))
     assert RunConfig().cache_path == (tmp_path / "late").resolve()  # a fresh instance does follow it

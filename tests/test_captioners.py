@@ -19,14 +19,14 @@ from attacks.captioners import (
     check_captioner_request,
 )
 from attacks.training_data import TrainingData
-from benchmark.errors import ConfigError, ModelError
+from benchmark.kernel.errors import ConfigError, ModelError
 
 FAST = CaptionerTraining(pretrain_epochs=3, finetune_epochs=3, hf_finetune_epochs=1)
 
 
 @pytest.fixture(scope="module")
 def data() -> tuple[TrainingData, TrainingData]:
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=8, size=160)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.cli import main
+from benchmark.app.cli import main
 
 
 @pytest.fixture(autouse=True)

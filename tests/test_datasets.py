@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.data import DATASETS, DatasetError, DatasetSpec
-from benchmark.data import scenes as scenes_module
-from benchmark.data.folder import FolderDataset
-from benchmark.data.scenes import DEFAULT_SIZE, ScenesDataset
-from benchmark.data.splits import SplitSizes, make_splits
+from benchmark.pipeline.data import DATASETS, DatasetError, DatasetSpec
+from benchmark.pipeline.data import scenes as scenes_module
+from benchmark.pipeline.data.folder import FolderDataset
+from benchmark.pipeline.data.scenes import DEFAULT_SIZE, ScenesDataset
+from benchmark.pipeline.data.splits import SplitSizes, make_splits
 
 
 def test_scenes_registered_and_default_size() -> None:

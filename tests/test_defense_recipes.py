@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from benchmark.finetune import TrainConfig, TrainingState, train
-from benchmark.models.diffusion import load_model
+from benchmark.pipeline.finetune import TrainConfig, TrainingState, train
+from benchmark.pipeline.models.diffusion import load_model
 from defenses import resolve
 from defenses.augment import AugmentConfig, AugmentHooks, colour_jitter, horizontal_flip, random_crop
 from defenses.early_stop import EarlyStopConfig, EarlyStopHooks, holdout_split
@@ -20,8 +20,8 @@ PROJECTIONS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 @pytest.fixture(scope="module")
 def data(scene_captions: list[str]) -> tuple[torch.Tensor, list[str]]:
-    from benchmark.data.base import images_to_tensor
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.base import images_to_tensor
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     dataset = ScenesDataset(resolution=8, size=60)
     return images_to_tensor([dataset.image(i) for i in range(8)]), scene_captions[:8]

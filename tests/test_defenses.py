@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainConfig, TrainingHooks
-from benchmark.models.diffusion import load_model
-from benchmark.registry import Registry
+from benchmark.kernel.errors import ConfigError
+from benchmark.kernel.registry import Registry
+from benchmark.pipeline.finetune import TrainConfig, TrainingHooks
+from benchmark.pipeline.models.diffusion import load_model
 from defenses import DEFENSES, ComposedDefense, Defense, DefenseConfig, presets, register_defense, resolve
 from defenses.augment import AugmentConfig
 from defenses.dpsgd import DPSGDConfig
@@ -26,8 +26,8 @@ SMOKE_TRAIN = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-3)
 
 @pytest.fixture(scope="module")
 def members(scene_captions: list[str]) -> tuple[torch.Tensor, list[str]]:
-    from benchmark.data.base import images_to_tensor
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.base import images_to_tensor
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     dataset = ScenesDataset(resolution=8, size=60)
     return images_to_tensor([dataset.image(i) for i in range(6)]), scene_captions[:6]
@@ -243,7 +243,7 @@ def test_finish_runs_even_when_training_fails(tiny_model_dir: Path, members: tup
         def optimizer_step(self, state):  # type: ignore[no-untyped-def]
             raise RuntimeError("boom")
 
-    from benchmark.finetune import train
+    from benchmark.pipeline.finetune import train
 
     hooks = Exploding()
     model = load_model(tiny_model_dir)
@@ -265,9 +265,9 @@ class TestLoRAContract(DefenseContract):
 
 @pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "none"])  # none: the session's micro run
 def test_every_registered_defense_produces_a_record(name: str, micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import benchmark.runner as runner
-    from benchmark.plugins import component_origin
-    from benchmark.results import load_record
+    import benchmark.app.runner as runner
+    from benchmark.kernel.plugins import component_origin
+    from benchmark.pipeline.records import load_record
 
     outcome = runner.run(
         micro_run.config.replace(defense=name, results_dir=tmp_path / "results", control=False), show_progress=False
@@ -297,7 +297,7 @@ def test_every_registered_defense_produces_a_record(name: str, micro_run, tmp_pa
 def test_cli_rejects_bad_defense_input_before_training(
     flags: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from benchmark.cli import main
+    from benchmark.app.cli import main
 
     monkeypatch.setenv("COLUMNS", "400")
     results = tmp_path / "results"
@@ -312,11 +312,11 @@ def test_cli_rejects_bad_defense_input_before_training(
 def test_cli_defense_args_reach_the_run_config() -> None:
     import argparse
 
-    from benchmark.cli import config_from_args
+    from benchmark.app.cli import config_from_args
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    from benchmark.cli import _add_run_parser
+    from benchmark.app.cli import _add_run_parser
 
     _add_run_parser(sub)
     args = parser.parse_args(

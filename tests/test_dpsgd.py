@@ -14,9 +14,9 @@ from diffusers import UNet2DConditionModel
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainConfig
-from benchmark.models.diffusion import load_model
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.models.diffusion import load_model
 from defenses import resolve
 from defenses.base import FineTuneResult
 from defenses.dpsgd import DeltaWarning
@@ -32,8 +32,8 @@ RDP_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, list[str]]:
-    from benchmark.data.base import images_to_tensor
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.base import images_to_tensor
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     dataset = ScenesDataset(resolution=8, size=60)
     return images_to_tensor([dataset.image(i) for i in range(12)]), [dataset.caption(i) for i in range(12)]

@@ -19,7 +19,7 @@ from attacks.encoders import (
 )
 from attacks.testing import EncoderContract
 from attacks.training_data import TrainingData
-from benchmark.errors import BenchmarkError, ConfigError, ModelError
+from benchmark.kernel.errors import BenchmarkError, ConfigError, ModelError
 
 TINY_VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
 
@@ -30,7 +30,7 @@ def _images(n: int, seed: int = 0, size: int = 8) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def public() -> TrainingData:
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=8, size=64)
     return TrainingData.from_arrays(
@@ -57,7 +57,7 @@ class TestContract_cnn(EncoderContract):
     name = "cnn"
 
     def request(self, tmp_path: Path) -> EncoderRequest:
-        from benchmark.data.scenes import ScenesDataset
+        from benchmark.pipeline.data.scenes import ScenesDataset
 
         ds = ScenesDataset(resolution=8, size=32)
         public = TrainingData.from_arrays(
@@ -174,7 +174,7 @@ def test_hf_without_path() -> None:
 def test_config_validate_rejects_non_vision_encoder_folder(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from benchmark.config import preset
+    from benchmark.app.config import preset
 
     BertModel(
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)

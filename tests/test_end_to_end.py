@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import benchmark.runner as runner
-from benchmark.cli import main
-from benchmark.metrics import privacy_metrics
+import benchmark.app.runner as runner
+from benchmark.app.cli import main
+from benchmark.pipeline.privacy_metrics import privacy_metrics
 
 
 def _files(folder: Path) -> list[Path]:
@@ -188,7 +188,7 @@ def test_base_model_control_is_kept_on_disk_for_other_defenses(micro_run, tmp_pa
 
 
 def test_base_model_work_of_a_user_model_folder_is_not_kept(micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from benchmark.models.registry import BaseModel
+    from benchmark.pipeline.models.registry import BaseModel
 
     user_folder = BaseModel(model_dir=tmp_path / "my-sd15", from_cache=False, description={})
     cached_base = BaseModel(model_dir=micro_run.cache_dir / "base-tiny" / "abc", from_cache=True, description={})

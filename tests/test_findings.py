@@ -9,7 +9,7 @@ Three layers:
 - a CI-sized run shows that more fine-tuning epochs raise the attack's AUC
   (in test_attack_signal.py, beside the overfit model it already trains);
 - slow tests (`pytest -m slow`) re-run a few reference cells from an empty cache
-  and check that they reproduce within `benchmark.reproduce.Tolerance`, and
+  and check that they reproduce within `benchmark.app.reproduce.Tolerance`, and
   repeat the epochs finding on the default preset.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import preset
-from benchmark.finetune import TrainConfig
-from benchmark.reproduce import Tolerance, reproduce
-from benchmark.runner import run
+from benchmark.app.config import preset
+from benchmark.app.reproduce import Tolerance, reproduce
+from benchmark.app.runner import run
+from benchmark.pipeline.finetune import TrainConfig
 from leaderboard.build import BASE_MODEL_ROW, Table, aggregate, build, collect
 
 REFERENCE = Path(__file__).resolve().parents[1] / "leaderboard" / "reference"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from benchmark.results import validate
+from benchmark.pipeline.records import validate
 from leaderboard.build import build, escape, pareto
 from leaderboard.cli import main
 

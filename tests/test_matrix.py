@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import benchmark.runner as runner
+import benchmark.app.runner as runner
 from attacks.attack_models import ATTACK_MODELS
 from attacks.scenarios import QueryAccess, Scenario, ShadowMode
-from benchmark.cli import main
-from benchmark.results import load_record
+from benchmark.app.cli import main
+from benchmark.pipeline.records import load_record
 
 
 def _files(folder: Path) -> list[Path]:

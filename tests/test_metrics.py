@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from benchmark.metrics import privacy_metrics, tpr_at_fpr
+from benchmark.pipeline.privacy_metrics import privacy_metrics, tpr_at_fpr
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -154,7 +154,7 @@ def test_tied_scores_keep_every_roc_point() -> None:
 
 # --- bootstrap intervals ------------------------------------------------------------------
 
-from benchmark.metrics import BootstrapSpec, bootstrap_intervals  # noqa: E402
+from benchmark.pipeline.privacy_metrics import BootstrapSpec, bootstrap_intervals  # noqa: E402
 
 
 def _noisy(n_members: int, n_nonmembers: int, seed: int, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +216,7 @@ def test_intervals_shrink_with_more_queries_and_can_be_skipped() -> None:
 
 
 def test_roc_plot_is_a_png() -> None:
-    from benchmark.plots import roc_plot_png
+    from benchmark.pipeline.plots import roc_plot_png
 
     labels, scores = _noisy(50, 50, 3)
     png = roc_plot_png({"target": (labels, scores), "control": (labels, scores[::-1])}, title="t")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.data.base import images_to_tensor
-from benchmark.data.scenes import ScenesDataset
-from benchmark.errors import ModelError
-from benchmark.finetune import TrainConfig, train
-from benchmark.models.diffusion import REQUIRED_SUBFOLDERS, DiffusionModel, generate, load_model
-from benchmark.models.registry import MODELS, BaseModelRequest
-from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+from benchmark.kernel.errors import ModelError
+from benchmark.pipeline.data.base import images_to_tensor
+from benchmark.pipeline.data.scenes import ScenesDataset
+from benchmark.pipeline.finetune import TrainConfig, train
+from benchmark.pipeline.models.diffusion import REQUIRED_SUBFOLDERS, DiffusionModel, generate, load_model
+from benchmark.pipeline.models.registry import MODELS, BaseModelRequest
+from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 
@@ -293,8 +293,8 @@ def test_sd15_description_identifies_the_weights(tmp_path: Path, sd_scenes: Scen
 
 def test_tiny_model_is_a_function_of_its_seed() -> None:
     """Same corpus and seed -> same tokenizer ids and weights (the BPE trainer's ids vary by call)."""
-    from benchmark.data.scenes import ScenesDataset
-    from benchmark.models.tiny import TinyModelConfig, build_tiny_model
+    from benchmark.pipeline.data.scenes import ScenesDataset
+    from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 
     ds = ScenesDataset(resolution=8, size=200)
     corpus = [ds.caption(i) for i in range(len(ds))]

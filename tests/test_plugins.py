@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import benchmark.runner as runner
-from benchmark.cli import main
-from benchmark.errors import DefenseError, PluginError
-from benchmark.finetune import TrainingHooks, TrainingState
-from benchmark.plugins import PluginWarning, component_origin
-from benchmark.registry import Registry, RegistryError
+import benchmark.app.runner as runner
+from benchmark.app.cli import main
+from benchmark.kernel.errors import DefenseError, PluginError
+from benchmark.kernel.plugins import PluginWarning, component_origin
+from benchmark.kernel.registry import Registry, RegistryError
+from benchmark.pipeline.finetune import TrainingHooks, TrainingState
 from defenses import DEFENSES, Defense
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_example_plugin_installs_passes_its_contract_and_runs_end_to_end(
         site.addsitedir({str(installed_plugin)!r})
         import pytest, torch
         torch.set_num_threads(1)
-        from benchmark.cli import main
+        from benchmark.app.cli import main
         code = pytest.main(["-q", "-p", "no:cacheprovider", {str(PLUGIN_DIR / "tests")!r}])
         assert code == 0, f"contract tests failed ({{code}})"
         assert main(["list"]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.registry import Registry, RegistryError
+from benchmark.kernel.registry import Registry, RegistryError
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.cli import main
-from benchmark.config import RunConfig, preset
-from benchmark.errors import ConfigError
-from benchmark.reproduce import Comparison, Tolerance, figures, reproduce
-from benchmark.results import RecordError
+from benchmark.app.cli import main
+from benchmark.app.config import RunConfig, preset
+from benchmark.app.reproduce import Comparison, Tolerance, figures, reproduce
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.records import RecordError
 
 
 def test_run_config_round_trips_through_json() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.results import (
+from benchmark.pipeline.records import (
     SCHEMA_VERSION,
     Metric,
     RecordError,

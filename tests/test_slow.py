@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import preset
-from benchmark.results import load_record
-from benchmark.runner import run
+from benchmark.app.config import preset
+from benchmark.app.runner import run
+from benchmark.pipeline.records import load_record
 
 
 @pytest.mark.slow

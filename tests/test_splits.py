@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from attacks.scenarios import Scenario
-from benchmark.data.splits import Splits, SplitSizes, make_splits, shadow_split
-from benchmark.errors import ConfigError
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.data.splits import Splits, SplitSizes, make_splits, shadow_split
 
 SIZES = SplitSizes(public=40, members=20, nonmembers=20, auxiliary=30, utility=10)
 POOL = 150

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from attacks.scenarios import Scenario
-from benchmark.cli import main
-from benchmark.config import preset
-from benchmark.errors import ConfigError
-from benchmark.results import load_record
-from benchmark.suite import SuiteSpec, cell_key, finished_cells, run_suite, unit_lock
+from benchmark.app.cli import main
+from benchmark.app.config import preset
+from benchmark.app.suite import SuiteSpec, cell_key, finished_cells, run_suite, unit_lock
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.records import load_record
 
 
 def _spec(tmp_path: Path, **changes: Any) -> SuiteSpec:
@@ -202,16 +202,16 @@ def test_cli_suite_runs_and_writes_summary(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_interrupted_suite_keeps_finished_cells_and_releases_its_locks(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    import benchmark.runner
+    import benchmark.app.runner
 
-    real = benchmark.runner.run_matrix
+    real = benchmark.app.runner.run_matrix
 
     def interrupt_second_unit(config, **kwargs):  # type: ignore[no-untyped-def]
         if config.defense != "none":
             raise KeyboardInterrupt
         return real(config, **kwargs)
 
-    monkeypatch.setattr(benchmark.runner, "run_matrix", interrupt_second_unit)
+    monkeypatch.setattr(benchmark.app.runner, "run_matrix", interrupt_second_unit)
     argv = [
         "suite", "--preset", "micro", "--defenses", "none,lora.r1", "--scenarios", "III",
         "--attack-models", "threshold", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),

@@ -15,23 +15,20 @@ from scipy import linalg
 from torch import nn
 
 from attacks.training_data import TrainingData
-from benchmark.errors import ConfigError, ModelError
-from benchmark.utility import (
+from benchmark.kernel.errors import ConfigError, ModelError
+from benchmark.pipeline.reference_networks import (
     ClipBundle,
     ClipImageFeatures,
     InceptionFeatures,
     ReferenceClipTraining,
-    UtilitySettings,
     check_fid_weights,
-    clip_score,
-    fid_kid,
     fidelity_inception,
     inception_without_weights,
     load_clip_folder,
-    measure,
     reference_clip,
     sha256_file,
 )
+from benchmark.pipeline.utility_metrics import UtilitySettings, clip_score, fid_kid, measure
 
 torch.set_num_threads(1)
 
@@ -97,7 +94,7 @@ def test_too_few_samples_for_kid_subset() -> None:
 
 
 def _scene_batch(n: int, resolution: int = 16) -> tuple[torch.Tensor, list[str]]:
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=resolution, size=n)
     images = np.stack([ds.image(i) for i in range(n)])
@@ -245,8 +242,8 @@ def test_reference_cache_is_rebuilt_when_corrupt(tmp_path: Path) -> None:
 
 
 def test_config_and_cli_flags(tmp_path: Path) -> None:
-    from benchmark.cli import _add_run_parser, config_from_args
-    from benchmark.config import preset
+    from benchmark.app.cli import _add_run_parser, config_from_args
+    from benchmark.app.config import preset
 
     with pytest.raises(ConfigError, match="KID subset size 50 is larger than the 8"):
         preset("micro").replace(kid_subset_size=50).validate()
@@ -274,8 +271,8 @@ def test_micro_record_has_utility(micro_run) -> None:  # type: ignore[no-untyped
 @pytest.mark.slow
 def test_reference_model_ranks_true_captions_above_shuffled(tmp_path: Path) -> None:
     """The default reference model: retrieval far above chance; shuffled captions score clearly lower."""
-    from benchmark.config import preset
-    from benchmark.data.scenes import ScenesDataset
+    from benchmark.app.config import preset
+    from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=16, size=2200)
     public = TrainingData.from_arrays(

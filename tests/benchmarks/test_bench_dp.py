@@ -1,13 +1,13 @@
 """DP-SGD step time against the non-private step (pytest-benchmark; timed with --benchmark-enable).
 
 The figure worth quoting comes from the embedded default (the default preset):
-    python -m benchmark.bench_dp --steps 30
+    python -m benchmark.app.bench_dp --steps 30
 This test runs the same measurement at 8 px so that the suite stays fast.
 """
 
 from __future__ import annotations
 
-from benchmark.bench_dp import StepTimes, main, measure
+from benchmark.app.bench_dp import StepTimes, main, measure
 
 
 def test_dp_step_time_relative_to_plain(benchmark) -> None:  # type: ignore[no-untyped-def]

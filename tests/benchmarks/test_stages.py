@@ -18,12 +18,13 @@ import torch
 
 from attacks.attack import AttackConfig, Query, score_queries
 from attacks.encoders import PixelEncoder
-from benchmark.data.base import images_to_tensor
-from benchmark.data.scenes import ScenesDataset
-from benchmark.finetune import TrainConfig, train
-from benchmark.models.diffusion import generate, load_model
-from benchmark.target import BlackBoxTarget, SamplingConfig
-from benchmark.utility import ClipImageFeatures, clip_score, fid_kid, load_clip_folder
+from benchmark.pipeline.data.base import images_to_tensor
+from benchmark.pipeline.data.scenes import ScenesDataset
+from benchmark.pipeline.finetune import TrainConfig, train
+from benchmark.pipeline.models.diffusion import black_box, generate, load_model
+from benchmark.pipeline.reference_networks import ClipImageFeatures, load_clip_folder
+from benchmark.pipeline.target import SamplingConfig
+from benchmark.pipeline.utility_metrics import clip_score, fid_kid
 from defenses import resolve
 
 RESOLUTION = 8
@@ -127,7 +128,7 @@ def test_generation(benchmark, tiny_model_dir: Path) -> None:  # type: ignore[no
 def test_attack_scoring(benchmark, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     n_queries, generations, steps = 4, 2, 3
     model = load_model(tiny_model_dir)
-    target = BlackBoxTarget.from_model(model, SamplingConfig(num_inference_steps=steps), name="tiny")
+    target = black_box(model, SamplingConfig(num_inference_steps=steps), name="tiny")
     images, captions = _scenes(n_queries)
     queries = [Query(query_id=f"q{i}", image=images[i], caption=captions[i]) for i in range(n_queries)]
     config = AttackConfig(encoder="pixels", generations_per_query=generations, query_batch=2)

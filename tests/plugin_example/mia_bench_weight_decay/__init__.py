@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainingHooks, TrainingState
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.finetune import TrainingHooks, TrainingState
 from defenses import Defense, DefenseConfig, register_defense
 
 __version__ = "0.1.0"

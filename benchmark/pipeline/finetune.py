@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmark.models.diffusion import DiffusionModel
+from benchmark.pipeline.models.diffusion import DiffusionModel
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from benchmark.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
+from benchmark.pipeline.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.15, 0.15),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmark.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
+from benchmark.pipeline.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
 
 METADATA = "metadata.jsonl"
 

@@ -11,7 +11,7 @@ module (or an object in it) whose import registers the component with the usual
 decorator (`@register_defense("weight_decay")`). Plugins are imported lazily, on
 the registry's first lookup or listing, and each import is guarded: a broken
 plugin nobody asked for is a warning naming its distribution, a requested one is
-an error (`benchmark.errors.PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
+an error (`benchmark.kernel.errors.PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
 for reproducible runs that must not depend on what else is installed.
 """
 
@@ -24,7 +24,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
-from benchmark.registry import Registry
+from benchmark.kernel.version import __version__
 
 BUILTIN_PACKAGES = ("benchmark", "defenses", "attacks", "leaderboard", "builtin")
 DISTRIBUTION = "diffusion-mia-bench"
@@ -50,7 +50,7 @@ def _distribution_label(dist: Any) -> str:
     return f"{dist.metadata['Name']}=={dist.version}"
 
 
-def load_entry_points(registry: Registry[Any], group: str, *, requested: str | None = None) -> dict[str, str]:
+def load_entry_points(registry: Any, group: str, *, requested: str | None = None) -> dict[str, str]:
     """Import every plugin of `group`; return {entry point name: failure message} for those that failed.
 
     Failures are warnings (`PluginWarning`, naming the distribution), except for
@@ -95,8 +95,6 @@ def _packages_distributions() -> dict[str, list[str]]:
 def _module_origin(module: str) -> str:
     top = module.split(".")[0]
     if top in BUILTIN_PACKAGES:
-        from benchmark import __version__
-
         return f"{DISTRIBUTION}=={__version__}"
     if top in _PLUGIN_DISTRIBUTIONS:
         return _PLUGIN_DISTRIBUTIONS[top]
@@ -108,7 +106,7 @@ def _module_origin(module: str) -> str:
     return module  # registered from a script or a test: the module is all we know
 
 
-def component_origin(registry: Registry[Any], name: str) -> str:
+def component_origin(registry: Any, name: str) -> str:
     """`distribution==version` for the package that registered `name`.
 
     Preset names (`dpsgd.eps8`) resolve to their component (`dpsgd`), and composed
@@ -122,7 +120,7 @@ def component_origin(registry: Registry[Any], name: str) -> str:
     return " + ".join(origins)
 
 
-def _component_name(registry: Registry[Any], name: str) -> str:
+def _component_name(registry: Any, name: str) -> str:
     """`name` itself if registered, else the component of a `name.tag` preset."""
     candidate = name
     while candidate not in registry and "." in candidate:

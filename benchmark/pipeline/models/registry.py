@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from benchmark.cache import cached
-from benchmark.data.base import ImageTextDataset, images_to_tensor
-from benchmark.errors import ModelError
-from benchmark.finetune import StepCallback, TrainConfig, train
-from benchmark.models.diffusion import DiffusionModel, load_model
-from benchmark.models.tiny import TinyModelConfig, build_tiny_model
-from benchmark.registry import Registry
+from benchmark.kernel.cache import cached
+from benchmark.kernel.errors import ModelError
+from benchmark.kernel.registry import Registry
+from benchmark.pipeline.data.base import ImageTextDataset, images_to_tensor
+from benchmark.pipeline.finetune import StepCallback, TrainConfig, train
+from benchmark.pipeline.models.diffusion import DiffusionModel, load_model
+from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 
 
 @dataclass(frozen=True)

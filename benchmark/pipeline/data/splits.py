@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from benchmark.errors import ConfigError
+from benchmark.kernel.errors import ConfigError
 
 
 @dataclass(frozen=True)

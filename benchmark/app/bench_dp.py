@@ -1,8 +1,8 @@
 """DP-SGD step time relative to the same non-private step, on the embedded default model.
 
-    python -m benchmark.bench_dp                    # resolution and batch of the default preset
-    python -m benchmark.bench_dp --lora-rank 4      # DP-LoRA against LoRA
-    python -m benchmark.bench_dp --steps 30 --threads 2
+    python -m benchmark.app.bench_dp                    # resolution and batch of the default preset
+    python -m benchmark.app.bench_dp --lora-rank 4      # DP-LoRA against LoRA
+    python -m benchmark.app.bench_dp --steps 30 --threads 2
 
 Both steps run the code the benchmark trains with: `diffusion_loss` (one noise draw
 and timestep per example), backward, and the optimizer step; the private one goes
@@ -22,7 +22,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmark.finetune import TrainConfig, TrainingHooks, TrainingState, diffusion_loss
+from benchmark.app.config import preset
+from benchmark.pipeline.data.base import images_to_tensor
+from benchmark.pipeline.data.scenes import ScenesDataset
+from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, TrainingState, diffusion_loss
+from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
+from defenses.dpsgd import DPSGDConfig, DPSGDHooks
+from defenses.lora import LoRAConfig, LoRAHooks
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,6 @@ def measure(
 
     `resolution` and `batch_size` default to the default preset's (the embedded default).
     """
-    from benchmark.config import preset
-    from benchmark.data.base import images_to_tensor
-    from benchmark.data.scenes import ScenesDataset
-    from benchmark.models.tiny import TinyModelConfig, build_tiny_model
-    from defenses.dpsgd import DPSGDConfig, DPSGDHooks
-    from defenses.lora import LoRAConfig, LoRAHooks
 
     default = preset("default")
     resolution = resolution if resolution is not None else default.resolution
@@ -147,7 +147,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.bench_dp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmark.app.bench_dp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=None, help="default: the default preset's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the default preset's fine-tuning batch")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")

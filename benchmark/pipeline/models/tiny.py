@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from benchmark.models.diffusion import DiffusionModel
+from benchmark.pipeline.models.diffusion import DiffusionModel
 
 
 @dataclass(frozen=True)

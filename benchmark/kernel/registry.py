@@ -6,6 +6,9 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from benchmark.kernel.errors import PluginError
+from benchmark.kernel.plugins import load_entry_points, plugins_disabled
+
 T = TypeVar("T")
 
 
@@ -29,7 +32,7 @@ class Registry(Generic[T]):
             kind: what the registry holds, for messages ("defense").
             entry_point_group: if set, third-party packages that declare entry points in
                 this group are imported on the first lookup or listing (see
-                `benchmark.plugins.load_entry_points`).
+                `benchmark.kernel.plugins.load_entry_points`).
         """
         self.kind = kind
         self.entry_point_group = entry_point_group
@@ -44,8 +47,6 @@ class Registry(Generic[T]):
             return
         # Set first: a plugin module that looks something up must not recurse.
         self._plugins_loaded = True
-        from benchmark.plugins import load_entry_points
-
         assert self.entry_point_group is not None
         self._plugin_failures = load_entry_points(self, self.entry_point_group, requested=requested)
 
@@ -78,8 +79,6 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             if name in self._plugin_failures:
-                from benchmark.errors import PluginError
-
                 raise PluginError(self._plugin_failures[name]) from None
             raise RegistryError(self.unknown_message(name)) from None
 
@@ -90,8 +89,6 @@ class Registry(Generic[T]):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         message = f"unknown {self.kind} {name!r}{hint} available: {available}"
         if self.entry_point_group is not None:
-            from benchmark.plugins import plugins_disabled
-
             if plugins_disabled():
                 message += f" (plugins of group {self.entry_point_group!r} are disabled by BENCHMARK_DISABLE_PLUGINS)"
         return message

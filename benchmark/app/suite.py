@@ -24,10 +24,11 @@ from typing import Any
 from rich.console import Console
 
 from attacks.scenarios import Scenario
-from benchmark.cache import cache_key
-from benchmark.config import RunConfig
-from benchmark.errors import ConfigError
-from benchmark.results import RecordError, check_writable
+from benchmark.app import runner
+from benchmark.app.config import RunConfig
+from benchmark.kernel.cache import cache_key
+from benchmark.kernel.errors import ConfigError
+from benchmark.pipeline.records import RecordError, check_writable, load_record
 
 LOCK_DIR = ".locks"
 # Where a record's configuration may differ from the cell's without making it another cell.
@@ -91,8 +92,6 @@ def cell_key(config: RunConfig | dict[str, Any]) -> str:
 
 def finished_cells(results_dir: Path) -> set[str]:
     """Keys of the cells that have a valid record under `results_dir` (invalid files do not count)."""
-    from benchmark.results import load_record  # noqa: PLC0415
-
     done: set[str] = set()
     if not Path(results_dir).is_dir():
         return done
@@ -158,8 +157,7 @@ def run_suite(
     Raises:
         ConfigError: a bad unit (checked for all units before anything runs) or an unwritable folder.
     """
-    if run_matrix is None:
-        from benchmark.runner import run_matrix
+    run_matrix = run_matrix or runner.run_matrix
     console = console or Console(stderr=True)
     results_dir = spec.config.results_dir
     units = spec.units()

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers.utils.logging
+import numpy as np
 import torch
 import transformers.utils.logging
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from benchmark.errors import ModelError
+from benchmark.kernel.errors import ModelError
+from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
+from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -243,3 +246,35 @@ def img2img(
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+def black_box(model: object, sampling: SamplingConfig, *, name: str) -> BlackBoxTarget:
+    """Text-to-image and image-to-image access to `model`, sampled as `sampling` says."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"expected a DiffusionModel, got {type(model).__name__}")
+
+    def generate_fn(captions: list[str], seed: int) -> np.ndarray:
+        images = generate(
+            model,
+            captions,
+            seed=seed,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            batch_size=sampling.batch_size,
+        )
+        return tensor_to_images(images)
+
+    def img2img_fn(images: np.ndarray, captions: list[str], strength: float, seed: int) -> np.ndarray:
+        out = img2img(
+            model,
+            images_to_tensor(list(images)),
+            captions,
+            strength=strength,
+            seed=seed,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            batch_size=sampling.batch_size,
+        )
+        return tensor_to_images(out)
+
+    return BlackBoxTarget(generate_fn, name=name, img2img_fn=img2img_fn)

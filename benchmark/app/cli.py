@@ -15,10 +15,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from attacks.attack_models import ATTACK_MODELS
+from attacks.captioners import CAPTIONERS
+from attacks.distances import DISTANCES
+from attacks.encoders import ENCODERS
 from attacks.scenarios import QueryAccess, Scenario, ShadowMode
-from benchmark.errors import BenchmarkError, ConfigError
-from benchmark.finetune import TrainConfig
-from benchmark.target import SamplingConfig
+from benchmark.app.config import PRESETS, preset
+from benchmark.app.reproduce import Tolerance, reproduce
+from benchmark.app.runner import run_matrix
+from benchmark.app.suite import SuiteSpec, run_suite
+from benchmark.kernel.errors import BenchmarkError, ConfigError
+from benchmark.kernel.plugins import component_origin
+from benchmark.pipeline.data import DATASETS
+from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.models.registry import MODELS
+from benchmark.pipeline.target import SamplingConfig
+from defenses import DEFENSES, presets
 
 RUN_EXAMPLES = """examples:
   python -m benchmark run --defense none
@@ -149,9 +161,6 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from benchmark.config import preset
-    from benchmark.suite import SuiteSpec
-    from defenses import presets
 
     config = preset(args.preset)
     changes = {k: v for k, v in {"results_dir": args.results_dir, "cache_dir": args.cache_dir}.items() if v}
@@ -181,8 +190,6 @@ def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-d
 
 def cmd_suite(args: argparse.Namespace, console: Console) -> int:
     import json
-
-    from benchmark.suite import run_suite
 
     spec = suite_spec_from_args(args)
     n_cells = len(spec.defenses) * len(spec.seeds) * len(spec.scenarios) * len(spec.attack_models)
@@ -220,7 +227,6 @@ exit code: 0 every figure within tolerance, 1 some figure outside it, 2 the reco
 
 
 def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from benchmark.reproduce import Tolerance
 
     t = Tolerance()
     p = sub.add_parser(
@@ -244,7 +250,6 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
-    from benchmark.reproduce import Tolerance, reproduce
 
     values = {
         "auc": args.auc_tolerance,
@@ -291,7 +296,6 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
 
 
 def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from benchmark.config import preset
 
     config = preset(args.preset)
     simple = {
@@ -366,7 +370,6 @@ def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tup
 
     Empty tuples mean "the preset's".
     """
-    from attacks.attack_models import ATTACK_MODELS
 
     scenarios: tuple[Scenario, ...] = ()
     attack_models: tuple[str, ...] = ()
@@ -394,7 +397,6 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from benchmark.runner import run_matrix
 
     config = config_from_args(args)
     scenarios, attack_models = cells_from_args(args)
@@ -456,15 +458,6 @@ def _print_matrix(outcomes: list, console: Console) -> None:  # type: ignore[typ
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
-    from attacks.attack_models import ATTACK_MODELS
-    from attacks.captioners import CAPTIONERS
-    from attacks.distances import DISTANCES
-    from attacks.encoders import ENCODERS
-    from benchmark.config import PRESETS
-    from benchmark.data import DATASETS
-    from benchmark.models.registry import MODELS
-    from benchmark.plugins import component_origin
-    from defenses import DEFENSES, presets
 
     kinds = {
         "datasets": DATASETS,

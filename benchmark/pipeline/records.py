@@ -19,7 +19,8 @@ from typing import Any
 
 import jsonschema
 
-from benchmark.errors import BenchmarkError, ConfigError
+from benchmark.kernel.errors import BenchmarkError, ConfigError
+from benchmark.kernel.version import __version__
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "result.schema.json"
@@ -104,8 +105,6 @@ def provenance(
     libraries: tuple[str, ...] = ("torch", "diffusers", "transformers", "numpy", "scikit-learn"),
 ) -> Provenance:
     from importlib import metadata
-
-    from benchmark import __version__
 
     versions = {}
     for lib in libraries:

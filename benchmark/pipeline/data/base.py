@@ -10,8 +10,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from benchmark.errors import BenchmarkError
-from benchmark.registry import Registry
+from benchmark.kernel.errors import BenchmarkError
+from benchmark.kernel.registry import Registry
 
 
 class DatasetError(BenchmarkError, ValueError):

@@ -18,14 +18,16 @@ from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining, check_en
 from attacks.encoders import needs_public_data as encoder_needs_public
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
-from benchmark.cache import default_cache_dir
-from benchmark.data.base import DATASETS
-from benchmark.errors import ConfigError
-from benchmark.finetune import TrainConfig
-from benchmark.models.registry import MODELS
-from benchmark.registry import RegistryError
-from benchmark.target import SamplingConfig
-from benchmark.utility import ReferenceClipTraining, UtilitySettings, check_settings
+from benchmark.kernel.cache import default_cache_dir
+from benchmark.kernel.errors import ConfigError
+from benchmark.kernel.registry import RegistryError
+from benchmark.pipeline.data.base import DATASETS
+from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.models.registry import MODELS
+from benchmark.pipeline.reference_networks import ReferenceClipTraining
+from benchmark.pipeline.target import SamplingConfig
+from benchmark.pipeline.utility_metrics import UtilitySettings, check_settings
+from defenses import resolve
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,6 @@ class RunConfig:
                 registry.get(value)
             except RegistryError as exc:
                 raise ConfigError(str(exc)) from None
-        from defenses import resolve
 
         try:
             resolve(self.defense, self.defense_args)

@@ -16,9 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmark.config import RunConfig
-from benchmark.errors import BenchmarkError
-from benchmark.results import find_epsilon, load_record
+from benchmark.app.config import RunConfig
+from benchmark.app.runner import run
+from benchmark.kernel.errors import BenchmarkError
+from benchmark.pipeline.records import find_epsilon, load_record
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,6 @@ def reproduce(
         RecordError: the file is not a valid record.
         ReproductionError: its configuration cannot be run here.
     """
-    from benchmark.runner import run
 
     stored = load_record(path)
     try:

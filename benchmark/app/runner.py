@@ -41,18 +41,18 @@ from attacks.captioners import CAPTIONERS, Captioner, CaptionerRequest, build_ca
 from attacks.encoders import ENCODERS, EncoderRequest, ImageEncoder, build_encoder
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
-from benchmark.cache import cache_key, cached
-from benchmark.config import RunConfig
-from benchmark.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
-from benchmark.data.splits import ShadowSplit, Splits, SplitSizes, make_splits, shadow_split
-from benchmark.finetune import TrainConfig, TrainReport
-from benchmark.metrics import BootstrapSpec, PrivacyMetrics, privacy_metrics
-from benchmark.models.diffusion import DiffusionModel, load_model
-from benchmark.models.registry import MODELS, BaseModel, BaseModelRequest
-from benchmark.plots import roc_plot_png
-from benchmark.plugins import component_origin
-from benchmark.progress import StageTimer
-from benchmark.results import (
+from benchmark.app.config import RunConfig
+from benchmark.kernel.cache import cache_key, cached
+from benchmark.kernel.plugins import component_origin
+from benchmark.kernel.progress import StageTimer
+from benchmark.pipeline.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
+from benchmark.pipeline.data.splits import ShadowSplit, Splits, SplitSizes, make_splits, shadow_split
+from benchmark.pipeline.finetune import TrainConfig, TrainReport
+from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, load_model
+from benchmark.pipeline.models.registry import MODELS, BaseModel, BaseModelRequest
+from benchmark.pipeline.plots import roc_plot_png
+from benchmark.pipeline.privacy_metrics import BootstrapSpec, PrivacyMetrics, privacy_metrics
+from benchmark.pipeline.records import (
     Metric,
     ResultRecord,
     attachment_name,
@@ -62,8 +62,8 @@ from benchmark.results import (
     write_attachment,
     write_record,
 )
-from benchmark.target import BlackBoxTarget
-from benchmark.utility import UtilityResult, measure_utility
+from benchmark.pipeline.target import BlackBoxTarget
+from benchmark.pipeline.utility_metrics import UtilityResult, measure_utility
 from defenses import DEFENSES, Defense, resolve
 
 ROC_SUFFIX = ".roc.png"
@@ -214,7 +214,7 @@ def run_matrix(
         shared_timings = {k: round(v, 3) for k, v in timer.timings.items()}
 
         target_queries, target_labels = _target_queries(dataset, splits, seed=config.seed)
-        target_box = BlackBoxTarget.from_model(target.model, config.sampling, name="target")
+        target_box = black_box(target.model, config.sampling, name="target")
         base_box: BlackBoxTarget | None = None
         state = _MatrixState()
         baseline_target = None
@@ -279,7 +279,7 @@ def run_matrix(
                 query_batch=config.query_batch,
                 seed=config.seed,
             )
-            shadow_box = BlackBoxTarget.from_model(shadow_model.model, config.sampling, name="shadow")
+            shadow_box = black_box(shadow_model.model, config.sampling, name="shadow")
             shadow_scores = state.score(
                 timer, "attack: shadow", ("shadow", shadow_key), shadow_box, shadow_queries, attack_config, encoder
             )
@@ -289,7 +289,7 @@ def run_matrix(
             base_scores = None
             if config.control:
                 if base_box is None:
-                    base_box = BlackBoxTarget.from_model(base.load(), config.sampling, name="base")
+                    base_box = black_box(base.load(), config.sampling, name="base")
                 base_scores = state.score(
                     timer,
                     "attack: base model (control)",

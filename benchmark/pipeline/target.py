@@ -2,7 +2,7 @@
 
 Captions (and, where the provider offers image-to-image access, images) go in,
 generated images come out, and every query is counted. The model itself lives in a closure created by
-`BlackBoxTarget.from_model`; the object carries no weights, losses or labels, and
+`benchmark.pipeline.models.diffusion.black_box`; the object carries no weights, losses or labels, and
 the attack package is checked by a test never to reach past this interface.
 """
 
@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from benchmark.data.base import images_to_tensor, tensor_to_images
 
 
 @dataclass(frozen=True)
@@ -46,40 +44,6 @@ class BlackBoxTarget:
         self._images = 0
         self._seconds = 0.0
         self.name = name
-
-    @classmethod
-    def from_model(cls, model: object, sampling: SamplingConfig, *, name: str) -> BlackBoxTarget:
-        """Text-to-image and image-to-image access to `model`, sampled as `sampling` says."""
-        from benchmark.models.diffusion import DiffusionModel, generate, img2img
-
-        if not isinstance(model, DiffusionModel):
-            raise TypeError(f"expected a DiffusionModel, got {type(model).__name__}")
-
-        def generate_fn(captions: list[str], seed: int) -> np.ndarray:
-            images = generate(
-                model,
-                captions,
-                seed=seed,
-                num_inference_steps=sampling.num_inference_steps,
-                guidance_scale=sampling.guidance_scale,
-                batch_size=sampling.batch_size,
-            )
-            return tensor_to_images(images)
-
-        def img2img_fn(images: np.ndarray, captions: list[str], strength: float, seed: int) -> np.ndarray:
-            out = img2img(
-                model,
-                images_to_tensor(list(images)),
-                captions,
-                strength=strength,
-                seed=seed,
-                num_inference_steps=sampling.num_inference_steps,
-                guidance_scale=sampling.guidance_scale,
-                batch_size=sampling.batch_size,
-            )
-            return tensor_to_images(out)
-
-        return cls(generate_fn, name=name, img2img_fn=img2img_fn)
 
     def generate(self, captions: Sequence[str], *, num_images: int, seed: int) -> np.ndarray:
         """Generate `num_images` images per caption.

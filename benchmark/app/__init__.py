@@ -1,0 +1,1 @@
+"""The applications that compose the pipeline: run, suite, reproduce, the CLI and the DP benchmark."""

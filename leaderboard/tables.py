@@ -1,0 +1,75 @@
+"""What the leaderboard is made of: one entry per record, rows of a table, and the Pareto front.
+
+Shared by the table builder (`leaderboard.build`) and the plots (`leaderboard.plots`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Entry:
+    """One valid record, reduced to what the leaderboard shows."""
+
+    path: str
+    dataset: str
+    scenario: str
+    defense: str
+    attack_model: str
+    seed: int
+    auc: float
+    auc_ci: tuple[float, float] | None
+    # target FPR -> (tpr, ci, n_nonmembers, supported)
+    tpr: dict[float, tuple[float, tuple[float, float] | None, int, bool]]
+    epsilon: float | None
+    utility_key: tuple[str, str]
+    fid: float | None
+    kid: float | None
+    clip: float | None
+    labels: list[int]
+    scores: list[float]
+    # The control: the same fitted attack on the base model, and the base model's utility.
+    control_auc: float | None = None
+    control_auc_ci: tuple[float, float] | None = None
+    base_fid: float | None = None
+    base_kid: float | None = None
+    base_clip: float | None = None
+
+
+BASE_MODEL_ROW = "base model, not fine-tuned (reference)"
+
+
+@dataclass
+class Row:
+    defense: str
+    seeds: list[int]
+    attack_models: list[str]
+    cells: dict[str, str] = field(default_factory=dict)
+    auc: float = math.nan
+    fid: float | None = None
+    clip: float | None = None
+    pareto: bool = False
+    reference: bool = False
+
+
+@dataclass
+class Table:
+    dataset: str
+    scenario: str
+    utility_key: tuple[str, str]
+    rows: list[Row]
+
+
+def pareto(points: list[tuple[float, ...]]) -> list[bool]:
+    """Non-dominated points, every coordinate lower-is-better."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            all(a <= b for a, b in zip(q, p, strict=True)) and any(a < b for a, b in zip(q, p, strict=True))
+            for j, q in enumerate(points)
+            if j != i
+        )
+        front.append(not dominated)
+    return front
