@@ -36,13 +36,13 @@ class AttackModel(ABC):
     def describe(self) -> dict[str, object]: ...
 
 
-ATTACK_MODELS: Registry[Callable[[], AttackModel]] = Registry("attack model")
+ATTACK_MODELS: Registry[Callable[[], AttackModel]] = Registry("attack model", entry_point_group="benchmark.attack_models")
 
 
 def register_attack_model(name: str) -> Callable[[type[AttackModel]], type[AttackModel]]:
     def decorator(cls: type[AttackModel]) -> type[AttackModel]:
         cls.name = name
-        ATTACK_MODELS.add(name, cls)
+        ATTACK_MODELS.add(name, cls, origin=cls.__module__)
         return cls
 
     return decorator

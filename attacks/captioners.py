@@ -81,7 +81,7 @@ class CaptionerRequest:
 
 
 CaptionerBuilder = Callable[..., Captioner]
-CAPTIONERS: Registry[CaptionerBuilder] = Registry("captioner")
+CAPTIONERS: Registry[CaptionerBuilder] = Registry("captioner", entry_point_group="benchmark.captioners")
 
 
 def register_captioner(name: str) -> Callable[[CaptionerBuilder], CaptionerBuilder]:

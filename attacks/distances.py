@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from benchmark.kernel.registry import Registry
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-DISTANCES: Registry[Similarity] = Registry("distance")
+DISTANCES: Registry[Similarity] = Registry("distance", entry_point_group="benchmark.distances")
 
 
 @DISTANCES.register("cosine")

@@ -76,7 +76,7 @@ class EncoderRequest:
 # A builder takes an optional EncoderRequest; it may carry `check(request)` (cheap
 # validation before any training) and `needs_public_data`.
 EncoderBuilder = Callable[..., ImageEncoder]
-ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
+ENCODERS: Registry[EncoderBuilder] = Registry("encoder", entry_point_group="benchmark.encoders")
 
 
 def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:

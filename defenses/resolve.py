@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import itertools
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from benchmark.kernel.convert import convert, type_name
 from benchmark.kernel.errors import ConfigError
 from benchmark.kernel.plugins import plugins_disabled
 from benchmark.kernel.registry import Registry, RegistryError
@@ -191,83 +190,6 @@ def _convert(cls: type[Defense], key: str, raw: object) -> object:
     """`raw` as the type of `cls.Config.key` (strings parsed, other values checked)."""
     hint = typing.get_type_hints(cls.Config)[key]
     try:
-        return _as_type(raw, hint)
+        return convert(raw, hint)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"defense {cls.name}: {key}={raw!r} is not a valid {_type_name(hint)} ({exc})") from None
-
-
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_NONE = {"none", "null"}
-
-
-def _as_type(raw: object, hint: Any) -> object:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE)):
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _as_type(raw, arg)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError("; ".join(errors))
-    if origin is typing.Literal:
-        for choice in args:
-            if raw == choice or (isinstance(raw, str) and str(choice) == raw.strip()):
-                return choice
-        raise ValueError(f"choose one of {', '.join(map(str, args))}")
-    if origin is tuple:
-        if isinstance(raw, str):  # "a, b" -> ("a", "b")
-            items: list[object] = [part.strip() for part in raw.split(",") if part.strip()]
-        elif isinstance(raw, tuple | list):
-            items = list(raw)
-        else:
-            raise ValueError("expected comma-separated values")
-        variadic = len(args) == 2 and args[1] is Ellipsis
-        if variadic:
-            return tuple(_as_type(item, args[0]) for item in items)
-        if len(items) != len(args):
-            raise ValueError(f"expected {len(args)} comma-separated values")
-        return tuple(_as_type(item, arg) for item, arg in zip(items, args, strict=True))
-    if hint is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise ValueError("use true or false")
-    if hint is int:
-        if isinstance(raw, bool):
-            raise ValueError("expected an integer")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, str):
-            return int(raw.strip())
-        raise ValueError("expected an integer")
-    if hint is float:
-        if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        if isinstance(raw, int | float):
-            return float(raw)
-        if isinstance(raw, str):
-            return float(raw.strip())
-        raise ValueError("expected a number")
-    if hint is str:
-        if isinstance(raw, str):
-            return raw.strip()
-        raise ValueError("expected a string")
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        if isinstance(raw, hint):
-            return raw
-        return hint(raw.strip() if isinstance(raw, str) else raw)
-    raise TypeError(f"fields of type {_type_name(hint)} cannot be set from the command line")
+        raise ConfigError(f"defense {cls.name}: {key}={raw!r} is not a valid {type_name(hint)} ({exc})") from None

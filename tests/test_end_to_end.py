@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import benchmark.app.runner as runner
+from benchmark.app import cell, stages
 from benchmark.app.cli import main
 from benchmark.pipeline.privacy_metrics import privacy_metrics
 
@@ -121,7 +122,8 @@ def test_interrupted_run_writes_nothing(
         calls.append(stage)
         raise error("simulated interruption")
 
-    monkeypatch.setattr(runner, stage, fail)
+    module = {"score_queries": stages, "fit_attack_model": cell, "write_record": runner}[stage]
+    monkeypatch.setattr(module, stage, fail)
     results = tmp_path / "results"
     cache_before = _files(micro_run.cache_dir)
     with pytest.raises(error, match="simulated interruption"):
@@ -148,7 +150,7 @@ def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsy
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "score_queries", interrupt)
+    monkeypatch.setattr(stages, "score_queries", interrupt)
     results = tmp_path / "results"
     code = main(
         ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
@@ -164,7 +166,7 @@ def test_base_model_control_is_kept_on_disk_for_other_defenses(micro_run, tmp_pa
     assert len(list((micro_run.cache_dir / "base-utility").iterdir())) == 1
     scored: list[str] = []
     measured: list[object] = []
-    original, original_utility = runner.score_queries, runner.measure_utility
+    original, original_utility = stages.score_queries, stages.measure_utility
 
     def counting(target, queries, config, **kwargs):  # type: ignore[no-untyped-def]
         scored.append(target.name)
@@ -174,8 +176,8 @@ def test_base_model_control_is_kept_on_disk_for_other_defenses(micro_run, tmp_pa
         measured.append(kwargs["model"])
         return original_utility(**kwargs)
 
-    monkeypatch.setattr(runner, "score_queries", counting)
-    monkeypatch.setattr(runner, "measure_utility", counting_utility)
+    monkeypatch.setattr(stages, "score_queries", counting)
+    monkeypatch.setattr(stages, "measure_utility", counting_utility)
     config = micro_run.config.replace(defense="lora.r1", results_dir=tmp_path / "results")
     record = runner.run(config, show_progress=False).record
     # The same base model, queries and attack settings: the control is read, not generated again.
@@ -192,5 +194,5 @@ def test_base_model_work_of_a_user_model_folder_is_not_kept(micro_run, tmp_path:
 
     user_folder = BaseModel(model_dir=tmp_path / "my-sd15", from_cache=False, description={})
     cached_base = BaseModel(model_dir=micro_run.cache_dir / "base-tiny" / "abc", from_cache=True, description={})
-    assert runner._cached_base(micro_run.config, user_folder) is None
-    assert runner._cached_base(micro_run.config, cached_base) is not None
+    assert stages.cached_base_identity(micro_run.config, user_folder) is None
+    assert stages.cached_base_identity(micro_run.config, cached_base) is not None

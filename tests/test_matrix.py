@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 import benchmark.app.runner as runner
 from attacks.attack_models import ATTACK_MODELS
 from attacks.scenarios import QueryAccess, Scenario, ShadowMode
+from benchmark.app import stages
 from benchmark.app.cli import main
 from benchmark.pipeline.records import load_record
 
@@ -28,19 +29,19 @@ def matrix(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
     results = tmp_path_factory.mktemp("matrix-results")
     config = micro_run.config.replace(results_dir=results)
     calls: list[tuple[str, tuple[str, ...]]] = []
-    original = runner.score_queries
+    original = stages.score_queries
 
     def counting(target, queries, config, **kwargs):  # type: ignore[no-untyped-def]
         calls.append((target.name, tuple(q.caption for q in queries)))
         return original(target, queries, config, **kwargs)
 
-    runner.score_queries = counting
+    stages.score_queries = counting
     try:
         outcomes = runner.run_matrix(
             config, scenarios=list(Scenario), attack_models=ATTACK_MODELS.names(), show_progress=False
         )
     finally:
-        runner.score_queries = original
+        stages.score_queries = original
     return outcomes, results, calls
 
 

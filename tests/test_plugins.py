@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import benchmark.app.runner as runner
+from benchmark.app import stages
 from benchmark.app.cli import main
 from benchmark.kernel.errors import DefenseError, PluginError
 from benchmark.kernel.plugins import PluginWarning, component_origin
@@ -135,7 +136,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 def test_a_defense_that_raises_fails_the_run_cleanly(micro_run, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(runner, "resolve", lambda spec, overrides=(): _Exploding())
+    monkeypatch.setattr(stages, "resolve", lambda spec, overrides=(): _Exploding())
     cache_before = _files(micro_run.cache_dir)
     results = tmp_path / "results"
     with pytest.raises(

@@ -1,11 +1,11 @@
-"""The run configuration: one dataclass, built from presets and CLI flags, validated once."""
+"""The run configuration: one dataclass, built from a profile (run size) and CLI flags, validated once."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from attacks.encoders import needs_public_data as encoder_needs_public
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import default_cache_dir
+from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import ConfigError
 from benchmark.kernel.registry import RegistryError
 from benchmark.pipeline.data.base import DATASETS
@@ -34,25 +35,41 @@ from defenses import resolve
 class RunConfig:
     """One benchmark run. Every field is recorded with the result."""
 
-    preset: str = "default"
+    profile: str = field(
+        default="default",
+        metadata={
+            "help": "run size: default, full (1,000 non-members: TPR at 0.1% FPR) or micro (smoke test only)",
+            "choices": ("default", "micro", "full"),
+            # Renamed: "preset" now only means a defense variant (dpsgd.eps8).
+            "deprecated": ("--preset",),
+        },
+    )
     dataset: str = field(default="scenes", metadata={"help": "dataset registry name"})
     dataset_path: Path | None = field(default=None, metadata={"help": "folder for --dataset folder"})
     dataset_size: int | None = field(default=None, metadata={"help": "images in the pool (None: dataset default)"})
-    resolution: int = 16
+    resolution: int = field(default=16, metadata={"help": "image side in pixels"})
     model: str = field(default="tiny", metadata={"help": "tiny (embedded) or sd15 (local folder)"})
-    model_path: Path | None = None
+    model_path: Path | None = field(default=None, metadata={"help": "local diffusers folder for --model sd15"})
     defense: str = field(
         default="none",
         metadata={"help": "defense, preset or composition: none, dpsgd, dpsgd.eps8, dpsgd+lora.r4 (see `list`)"},
     )
     defense_args: tuple[tuple[str, str], ...] = field(
-        default=(), metadata={"help": "defense overrides as (key, value) pairs, converted through its config types"}
+        default=(),
+        metadata={
+            "help": "override a defense setting (repeatable), e.g. target_epsilon=4 or lora.rank=8",
+            "aliases": ("--defense-arg",),
+        },
     )
-    scenario: Scenario = Scenario.III
-    attack_model: str = "threshold"
+    scenario: Scenario = field(
+        default=Scenario.III, metadata={"help": "attacker scenario: what the attacker holds (see `list`)"}
+    )
+    attack_model: str = field(
+        default="threshold", metadata={"help": "attack model: threshold, distribution or classifier (see `list`)"}
+    )
     encoder: str = field(default="pixels", metadata={"help": "image encoder: pixels, cnn (trained on public), hf"})
     encoder_path: Path | None = field(default=None, metadata={"help": "local transformers vision folder for hf"})
-    distance: str = "cosine"
+    distance: str = field(default="cosine", metadata={"help": "similarity: cosine, l1, l2 or hamming"})
     captioner: str = field(default="tiny", metadata={"help": "captioner for scenarios II/IV: tiny or blip"})
     captioner_path: Path | None = field(default=None, metadata={"help": "local BLIP/BLIP-2 folder for blip"})
     captioner_finetune: bool = field(
@@ -61,40 +78,87 @@ class RunConfig:
     query_access: QueryAccess = field(
         default=QueryAccess.TEXT, metadata={"help": "text (the paper's attack) or img2img (recorded separately)"}
     )
-    img2img_strength: float = field(default=0.5, metadata={"help": "noise strength of img2img queries, in (0, 1]"})
+    img2img_strength: float = field(
+        default=0.5, metadata={"help": "noise strength of img2img queries, in (0, 1]", "aliases": ("--strength",)}
+    )
     shadow: ShadowMode = field(
         default=ShadowMode.AWARE, metadata={"help": "aware: the shadow uses the target's defense; naive: it does not"}
     )
-    public: int = 2000
-    members: int = 32
-    nonmembers: int = 64
-    shadow_members: int = 32
-    shadow_nonmembers: int = 64
-    utility: int = 100
-    generations_per_query: int = 3
+    public: int = field(
+        default=2000,
+        metadata={"help": "public split size (pretrains the tiny model, the cnn encoder and the tiny captioner)"},
+    )
+    members: int = field(
+        default=32, metadata={"help": "target members (fine-tuning set size); sets --shadow-members too"}
+    )
+    nonmembers: int = field(default=64, metadata={"help": "target non-members queried by the attack"})
+    shadow_members: int = field(default=32, metadata={"help": "shadow model members (default: --members)"})
+    shadow_nonmembers: int = field(default=64, metadata={"help": "shadow non-members held out by the attacker"})
+    utility: int = field(default=100, metadata={"help": "utility-eval captions/images (one generation each)"})
+    generations_per_query: int = field(
+        default=3, metadata={"help": "images generated per query (paper: 3)", "aliases": ("--generations",)}
+    )
     query_batch: int = field(default=128, metadata={"help": "queries per call to the model (x generations images)"})
-    bootstrap_resamples: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    bootstrap_resamples: int = field(
+        default=1000,
+        metadata={"help": "bootstrap resamples for the 95% intervals (0: none)", "aliases": ("--bootstrap",)},
+    )
     baseline: bool = field(default=True, metadata={"help": "also run the model-free baseline (should sit at AUC 0.5)"})
-    encoder_training: EncoderTraining = EncoderTraining()
-    captioner_training: CaptionerTraining = CaptionerTraining()
+    encoder_training: EncoderTraining = field(
+        default=EncoderTraining(), metadata={"help": "training of the cnn encoder on the public split"}
+    )
+    captioner_training: CaptionerTraining = field(
+        default=CaptionerTraining(),
+        metadata={"help": "training of the captioners (tiny: pretraining; both: fine-tuning)"},
+    )
     # The text encoder stays at its random initialisation: trained jointly at this size it
     # collapsed captions that differ in one word onto one embedding.
-    pretrain: TrainConfig = TrainConfig(
-        epochs=30, batch_size=64, learning_rate=2e-3, caption_dropout=0.1, train_text_encoder=False, lr_warmup_steps=100
+    pretrain: TrainConfig = field(
+        default=TrainConfig(
+            epochs=30,
+            batch_size=64,
+            learning_rate=2e-3,
+            caption_dropout=0.1,
+            train_text_encoder=False,
+            lr_warmup_steps=100,
+        ),
+        metadata={"help": "pretraining of the tiny base model on the public split"},
     )
     # Memorisation sets in late (as in the paper's 500-epoch regime): 600 epochs of 32 members.
-    finetune: TrainConfig = TrainConfig(epochs=600, batch_size=32, learning_rate=3e-3)
-    sampling: SamplingConfig = SamplingConfig()
-    seed: int = 0
-    public_seed: int = 0
+    finetune: TrainConfig = field(
+        default=TrainConfig(epochs=600, batch_size=32, learning_rate=3e-3),
+        metadata={
+            "help": "fine-tuning of the target and the shadows",
+            "aliases": {"epochs": ("--epochs",), "learning_rate": ("--learning-rate",)},
+        },
+    )
+    sampling: SamplingConfig = field(
+        default=SamplingConfig(),
+        metadata={
+            "help": "how the target samples images for a query",
+            "aliases": {"num_inference_steps": ("--inference-steps",)},
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "run seed (splits of the private pool, training, sampling)"})
+    public_seed: int = field(
+        default=0, metadata={"help": "seed of the public split (keep it fixed to share base models across runs)"}
+    )
     control: bool = field(default=True, metadata={"help": "also attack the base model (should sit near AUC 0.5)"})
-    utility_metrics: bool = field(default=True, metadata={"help": "measure FID, KID and CLIP score of the target"})
+    utility_metrics: bool = field(
+        default=True, metadata={"help": "measure FID, KID and CLIP score of the target", "aliases": ("--no-utility",)}
+    )
     clip_model: Path | None = field(default=None, metadata={"help": "local CLIP folder (None: the reference model)"})
     fid_weights: Path | None = field(default=None, metadata={"help": "Inception weights for FID/KID (torch-fidelity)"})
     kid_subset_size: int = field(default=50, metadata={"help": "KID subset size (<= utility samples)"})
-    reference_clip: ReferenceClipTraining = ReferenceClipTraining()
-    results_dir: Path = Path("results")
-    cache_dir: Path | None = field(default=None, metadata={"help": "None: $BENCHMARK_CACHE_DIR or ~/.cache"})
+    reference_clip: ReferenceClipTraining = field(
+        default=ReferenceClipTraining(),
+        metadata={"help": "the reference CLIP model of the utility metrics (trained on the public split)"},
+    )
+    results_dir: Path = field(default=Path("results"), metadata={"help": "where result records go"})
+    cache_dir: Path | None = field(
+        default=None,
+        metadata={"help": "cache for base and fine-tuned models (None: $BENCHMARK_CACHE_DIR or ~/.cache)"},
+    )
 
     def validate(self) -> RunConfig:
         """Check names and numbers before any training starts.
@@ -203,12 +267,15 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         """The inverse of `to_dict`, e.g. a record's `config`, converted through the field types.
+
+        Configurations written by earlier versions are read under today's names (`preset` -> `profile`).
 
         Raises:
             ConfigError: an unknown field or a value of the wrong type.
         """
+        data = upgrade_config_dict(data)
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -216,10 +283,13 @@ class RunConfig:
             raise ConfigError(
                 f"unknown run setting(s) {', '.join(unknown)}; this version knows {', '.join(sorted(names))}"
             )
-        try:
-            return cls(**{k: _from_json(hints[k], v) for k, v in data.items()})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"a run configuration that this version cannot read: {exc}") from None
+        values = {}
+        for key, value in data.items():
+            try:
+                values[key] = convert(value, hints[key])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"a run configuration that this version cannot read: {key}: {exc}") from None
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -236,29 +306,26 @@ class RunConfig:
         return out
 
 
-def _from_json(hint: Any, value: Any) -> Any:
-    """A JSON value as the typed field `hint` holds it (Optional, Path, enums, tuples, nested dataclasses)."""
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _from_json(inner, value)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], v) for v in value)
-        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        inner_hints = typing.get_type_hints(hint)
-        return hint(**{k: _from_json(inner_hints[k], v) for k, v in value.items()})
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint(value)
-    if hint is Path:
-        return Path(value)
-    if hint is float and isinstance(value, int):
-        return float(value)
-    return value
+# Settings renamed since records were first written: old name -> today's. A stored
+# configuration is read under today's names, so old records load and match new runs.
+RENAMED_SETTINGS: dict[str, str] = {"preset": "profile"}
+
+
+def upgrade_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run configuration (a record's `config`) with today's setting names.
+
+    Raises:
+        ConfigError: both an old name and its new name are given, with different values.
+    """
+    out = dict(data)
+    for old, new in RENAMED_SETTINGS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise ConfigError(f"run setting {old!r} is the old name of {new!r}; give only {new!r}")
+        out.setdefault(new, value)
+    return out
 
 
 def _no_data_before_the_run() -> tuple[Any, list[str]]:
@@ -268,7 +335,7 @@ def _no_data_before_the_run() -> tuple[Any, list[str]]:
 def _micro() -> RunConfig:
     # Seconds-long: for tests and smoke checks only; numbers from it mean nothing.
     return RunConfig(
-        preset="micro",
+        profile="micro",
         dataset_size=400,
         resolution=8,
         public=120,
@@ -293,15 +360,21 @@ def _micro() -> RunConfig:
 def _full() -> RunConfig:
     # 1,000 non-members: the smallest FPR a TPR figure can speak for is 0.1%.
     return RunConfig(
-        preset="full", members=100, nonmembers=1000, shadow_members=100, shadow_nonmembers=500, utility=200
+        profile="full", members=100, nonmembers=1000, shadow_members=100, shadow_nonmembers=500, utility=200
     )
 
 
-PRESETS: dict[str, RunConfig] = {"default": RunConfig(), "micro": _micro(), "full": _full()}
+# Run sizes. ("Preset" names a defense variant such as dpsgd.eps8, never one of these.)
+PROFILES: dict[str, RunConfig] = {"default": RunConfig(), "micro": _micro(), "full": _full()}
 
 
-def preset(name: str) -> RunConfig:
+def profile(name: str) -> RunConfig:
+    """The run size `name` (default, micro or full) as a configuration to start from.
+
+    Raises:
+        ConfigError: an unknown name, with the available ones.
+    """
     try:
-        return PRESETS[name]
+        return PROFILES[name]
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown profile {name!r}; available: {', '.join(PROFILES)}") from None

@@ -15,7 +15,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,3 +73,45 @@ def cached(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load(entry), False, entry
+
+
+def cached_json(
+    cache_dir: Path,
+    kind: str,
+    inputs: dict[str, object],
+    compute: Callable[[], dict[str, Any]],
+    *,
+    filename: str = "value.json",
+) -> dict[str, Any]:
+    """A JSON object computed once per `inputs` and kept on disk."""
+
+    def build(folder: Path) -> None:
+        (folder / filename).write_text(json.dumps(compute()))
+
+    value, _, _ = cached(cache_dir, kind, inputs, build, lambda folder: json.loads((folder / filename).read_text()))
+    return value
+
+
+def cached_arrays(
+    cache_dir: Path,
+    kind: str,
+    inputs: dict[str, object],
+    compute: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
+    *,
+    meta_name: str = "scored.json",
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Named arrays (one .npy each, loaded without pickle) and a JSON object, computed once per `inputs`."""
+
+    def build(folder: Path) -> None:
+        arrays, meta = compute()
+        for name, array in arrays.items():
+            np.save(folder / f"{name}.npy", array, allow_pickle=False)
+        (folder / meta_name).write_text(json.dumps({"arrays": sorted(arrays), **meta}))
+
+    def load(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        meta = json.loads((folder / meta_name).read_text())
+        names = meta.pop("arrays")
+        return {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}, meta
+
+    value, _, _ = cached(cache_dir, kind, inputs, build, load)
+    return value

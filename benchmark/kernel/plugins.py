@@ -1,18 +1,23 @@
-"""Third-party components through entry points, and which distribution supplied each component.
+"""Components through entry points, and which distribution supplied each component.
 
-A plugin is an installed distribution whose own `pyproject.toml` declares an entry
-point in a registry's group, e.g. for a defense::
+Every registry with an entry-point group (`benchmark.datasets`, `benchmark.models`,
+`benchmark.defenses`, `benchmark.attack_models`, `benchmark.encoders`,
+`benchmark.distances`, `benchmark.captioners`) is filled from that group, built-ins
+and plugins alike: this project's own `pyproject.toml` declares its built-ins there,
+and a plugin is another installed distribution that declares its own, e.g.::
 
     [project.entry-points."benchmark.defenses"]
     weight_decay = "mia_weight_decay"
 
 The entry point's name is the component's registry name and its value is the
 module (or an object in it) whose import registers the component with the usual
-decorator (`@register_defense("weight_decay")`). Plugins are imported lazily, on
-the registry's first lookup or listing, and each import is guarded: a broken
-plugin nobody asked for is a warning naming its distribution, a requested one is
-an error (`benchmark.kernel.errors.PluginError`). `BENCHMARK_DISABLE_PLUGINS=1` turns autoloading off,
-for reproducible runs that must not depend on what else is installed.
+decorator (`@register_defense("weight_decay")`). Entry points are imported lazily,
+on the registry's first lookup or listing, and each plugin import is guarded: a
+broken plugin nobody asked for is a warning naming its distribution, a requested
+one is an error (`benchmark.kernel.errors.PluginError`). A built-in (an entry point
+of this project's own distribution) that fails to load is always an error.
+`BENCHMARK_DISABLE_PLUGINS=1` turns off third-party plugins, never the built-ins, for
+reproducible runs that must not depend on what else is installed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+from benchmark.kernel.errors import PluginError
 from benchmark.kernel.version import __version__
 
 BUILTIN_PACKAGES = ("benchmark", "defenses", "attacks", "leaderboard", "builtin")
@@ -50,24 +56,50 @@ def _distribution_label(dist: Any) -> str:
     return f"{dist.metadata['Name']}=={dist.version}"
 
 
-def load_entry_points(registry: Any, group: str, *, requested: str | None = None) -> dict[str, str]:
-    """Import every plugin of `group`; return {entry point name: failure message} for those that failed.
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
-    Failures are warnings (`PluginWarning`, naming the distribution), except for
-    `requested`: the registry raises `PluginError` for that one instead.
+
+def is_builtin(ep: metadata.EntryPoint) -> bool:
+    """Whether `ep` is declared by this project's own distribution (a built-in component)."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:  # no distribution attached: fall back to where the module lives
+        return ep.module.split(".")[0] in BUILTIN_PACKAGES
+    return _normalized(dist.metadata["Name"]) == _normalized(DISTRIBUTION)
+
+
+def builtin_entry_points(group: str) -> list[str]:
+    """Names of the built-in components this project's installed metadata declares in `group`."""
+    return sorted(ep.name for ep in metadata.entry_points(group=group) if is_builtin(ep))
+
+
+def load_entry_points(registry: Any, group: str, *, requested: str | None = None) -> dict[str, str]:
+    """Import every entry point of `group`; return {name: failure message} for plugins that failed.
+
+    Built-ins (entry points of this project's distribution) are always loaded, and one
+    that fails raises. Third-party failures are warnings (`PluginWarning`, naming the
+    distribution), except for `requested`: the registry raises `PluginError` for that
+    one instead. With `BENCHMARK_DISABLE_PLUGINS` set, third-party entry points are skipped.
 
     Args:
-        registry: the registry the plugins register into (checked afterwards).
+        registry: the registry the entry points register into (checked afterwards).
         group: entry-point group, e.g. "benchmark.defenses".
         requested: the name the caller is looking up, if any.
+
+    Raises:
+        PluginError: a built-in failed to load (a bug or a broken install, never skipped).
     """
-    if plugins_disabled():
-        log.info("plugin autoloading disabled by %s", DISABLE_ENV)
-        return {}
+    disabled = plugins_disabled()
     failures: dict[str, str] = {}
+    skipped = 0
     for ep in metadata.entry_points(group=group):
+        builtin = is_builtin(ep)
+        if disabled and not builtin:
+            skipped += 1
+            continue
         label = _distribution_label(getattr(ep, "dist", None))
-        _PLUGIN_DISTRIBUTIONS.setdefault(ep.module.split(".")[0], label)
+        if not builtin:
+            _PLUGIN_DISTRIBUTIONS.setdefault(ep.module.split(".")[0], label)
         try:
             ep.load()
             if ep.name not in registry._entries:
@@ -77,6 +109,11 @@ def load_entry_points(registry: Any, group: str, *, requested: str | None = None
                 f"{registry.kind} plugin {ep.name!r} from distribution {label} "
                 f"(entry point {group}: {ep.value}) failed to load: {type(exc).__name__}: {exc}"
             )
+            if builtin:
+                raise PluginError(
+                    f"built-in {registry.kind} {ep.name!r} (entry point {group}: {ep.value}) failed to load: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             failures[ep.name] = message
             if ep.name != requested:
                 warnings.warn(
@@ -84,6 +121,8 @@ def load_entry_points(registry: Any, group: str, *, requested: str | None = None
                     PluginWarning,
                     stacklevel=2,
                 )
+    if skipped:
+        log.info("%d plugin(s) of %s not loaded: disabled by %s", skipped, group, DISABLE_ENV)
     return failures
 
 

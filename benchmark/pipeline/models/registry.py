@@ -43,7 +43,7 @@ class BaseModel:
 
 
 ModelSource = Callable[[BaseModelRequest, StepCallback | None], BaseModel]
-MODELS: Registry[ModelSource] = Registry("model")
+MODELS: Registry[ModelSource] = Registry("model", entry_point_group="benchmark.models")
 
 
 @MODELS.register("tiny")
