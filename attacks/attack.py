@@ -187,6 +187,9 @@ class ModelFreeBaseline:
     fitted on the shadow and applied once to the target, like the real attack.
     """
 
+    # Recorded with each result; bump when the features or their standardisation change.
+    version = "1"
+
     def __init__(self, attack_model: str) -> None:
         self.attack_model_name = attack_model
         self.model = ATTACK_MODELS.get(attack_model)()

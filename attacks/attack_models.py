@@ -19,6 +19,8 @@ class AttackModel(ABC):
     """Turns per-query score vectors (n_queries, n_generations) into membership scores."""
 
     name: str = "?"
+    # Recorded with each result; bump when the fitted rule changes.
+    version: str = "1"
 
     @abstractmethod
     def fit(self, scores: np.ndarray, labels: np.ndarray) -> AttackModel:
@@ -36,14 +38,15 @@ class AttackModel(ABC):
     def describe(self) -> dict[str, object]: ...
 
 
-ATTACK_MODELS: Registry[Callable[[], AttackModel]] = Registry("attack model", entry_point_group="benchmark.attack_models")
+ATTACK_MODELS: Registry[Callable[[], AttackModel]] = Registry(
+    "attack model", entry_point_group="benchmark.attack_models"
+)
 
 
 def register_attack_model(name: str) -> Callable[[type[AttackModel]], type[AttackModel]]:
     def decorator(cls: type[AttackModel]) -> type[AttackModel]:
         cls.name = name
-        ATTACK_MODELS.add(name, cls, origin=cls.__module__)
-        return cls
+        return ATTACK_MODELS.register(name)(cls)  # origin: the class's module (built-in or plugin)
 
     return decorator
 

@@ -32,6 +32,8 @@ from benchmark.kernel.registry import Registry
 
 class Captioner(Protocol):
     name: str
+    # Recorded with each result; bump when the captioning changes.
+    version: str
 
     def caption(self, images: np.ndarray) -> list[str]:
         """(N, H, W, 3) images in [0, 1] -> N captions."""
@@ -44,16 +46,18 @@ class Captioner(Protocol):
 class CaptionerTraining:
     """Pretraining (public split) and fine-tuning (auxiliary data) recipes."""
 
-    pretrain_epochs: int = 40
-    finetune_epochs: int = 40
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    finetune_learning_rate: float = 1e-3
-    # Public examples replayed per auxiliary example while fine-tuning (against forgetting).
-    finetune_replay: float = 1.0
+    pretrain_epochs: int = field(default=40, metadata={"help": "tiny: pretraining epochs on the public split"})
+    finetune_epochs: int = field(default=40, metadata={"help": "tiny: fine-tuning epochs on the auxiliary data"})
+    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "tiny: pretraining learning rate"})
+    finetune_learning_rate: float = field(default=1e-3, metadata={"help": "tiny: fine-tuning learning rate"})
+    # Against forgetting.
+    finetune_replay: float = field(
+        default=1.0, metadata={"help": "public examples replayed per auxiliary example while fine-tuning"}
+    )
     # Pretrained transformers captioners (blip) need far gentler fine-tuning.
-    hf_finetune_epochs: int = 3
-    hf_learning_rate: float = 1e-5
+    hf_finetune_epochs: int = field(default=3, metadata={"help": "blip: fine-tuning epochs"})
+    hf_learning_rate: float = field(default=1e-5, metadata={"help": "blip: fine-tuning learning rate"})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -84,21 +88,16 @@ CaptionerBuilder = Callable[..., Captioner]
 CAPTIONERS: Registry[CaptionerBuilder] = Registry("captioner", entry_point_group="benchmark.captioners")
 
 
-def register_captioner(name: str) -> Callable[[CaptionerBuilder], CaptionerBuilder]:
-    return CAPTIONERS.register(name)
+def register_captioner(name: str, **capabilities: Any) -> Callable[[CaptionerBuilder], CaptionerBuilder]:
+    """Register a captioner builder; capabilities such as `check=fn(request)` or
+    `needs_public_data=True` may be declared here or as attributes of a class."""
+    return CAPTIONERS.register(name, **capabilities)
 
 
 def build_captioner(name: str, request: CaptionerRequest | None = None) -> Captioner:
     return CAPTIONERS.get(name)(request or CaptionerRequest())
 
 
-def check_captioner_request(name: str, request: CaptionerRequest) -> None:
-    """Cheap checks before any training (raises ConfigError or ModelError naming the fix)."""
-    CAPTIONERS.check(name, request)
-
-
-def needs_public_data(name: str) -> bool:
-    return bool(CAPTIONERS.capability(name, "needs_public_data"))
 
 
 def _torch_version() -> str:
@@ -317,6 +316,7 @@ class TinyCaptioner:
     """Small CNN + GRU, pretrained on the public split, fine-tuned on the auxiliary data (cached)."""
 
     name = "tiny"
+    version = TINY_VERSION
     needs_public_data = True
 
     def __init__(self, request: CaptionerRequest | None = None) -> None:
@@ -427,7 +427,7 @@ class TinyCaptioner:
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "version": TINY_VERSION,
+            "version": self.version,
             "fine_tuned": self.fine_tuned,
             "architecture": self.config.to_dict(),
             **self.details,
@@ -495,6 +495,7 @@ class BlipCaptioner:
     """A local BLIP or BLIP-2 folder (transformers), fine-tuned on the auxiliary data (cached)."""
 
     name = "blip"
+    version = "1"
     needs_public_data = False
     batch_size = 16
     max_new_tokens = 30
@@ -611,7 +612,7 @@ class BlipCaptioner:
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "version": "1",
+            "version": self.version,
             "path": str(self.source),
             "model_type": self.model_type,
             "fingerprint": self.fingerprint,

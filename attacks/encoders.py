@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from benchmark.kernel.registry import Registry
 
 class ImageEncoder(Protocol):
     name: str
+    # Recorded with each result; bump when the embedding changes.
+    version: str
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) images in [0, 1] -> (N, patches, dim) embeddings."""
@@ -44,11 +46,11 @@ class ImageEncoder(Protocol):
 class EncoderTraining:
     """How the `cnn` encoder is trained on the public split."""
 
-    epochs: int = 8
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    noise_std: float = 0.1
-    mask_fraction: float = 0.25
+    epochs: int = field(default=8, metadata={"help": "passes over the public split"})
+    batch_size: int = field(default=64, metadata={"help": "images per optimizer step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
+    noise_std: float = field(default=0.1, metadata={"help": "std of the Gaussian noise added to the input images"})
+    mask_fraction: float = field(default=0.25, metadata={"help": "fraction of input pixels masked out"})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -79,21 +81,16 @@ EncoderBuilder = Callable[..., ImageEncoder]
 ENCODERS: Registry[EncoderBuilder] = Registry("encoder", entry_point_group="benchmark.encoders")
 
 
-def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
-    return ENCODERS.register(name)
+def register_encoder(name: str, **capabilities: Any) -> Callable[[EncoderBuilder], EncoderBuilder]:
+    """Register an encoder builder; capabilities such as `check=fn(request)` or
+    `needs_public_data=True` may be declared here or as attributes of a class."""
+    return ENCODERS.register(name, **capabilities)
 
 
 def build_encoder(name: str, request: EncoderRequest | None = None) -> ImageEncoder:
     return ENCODERS.get(name)(request or EncoderRequest())
 
 
-def check_encoder_request(name: str, request: EncoderRequest) -> None:
-    """Cheap checks before any training (raises ConfigError or ModelError naming the fix)."""
-    ENCODERS.check(name, request)
-
-
-def needs_public_data(name: str) -> bool:
-    return bool(ENCODERS.capability(name, "needs_public_data"))
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:
@@ -113,6 +110,7 @@ class PixelEncoder:
 
     pool: int = 2
     name: str = "pixels"
+    version: ClassVar[str] = "1"
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         x = _as_tensor(images)
@@ -122,7 +120,7 @@ class PixelEncoder:
         return (x - x.mean(dim=1, keepdim=True)).unsqueeze(1)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "version": "1", "pool": self.pool, "centred": True, "patches": 1}
+        return {"name": self.name, "version": self.version, "pool": self.pool, "centred": True, "patches": 1}
 
 
 @register_encoder("pixels")
@@ -220,6 +218,7 @@ class ConvEncoder:
     """
 
     name = "cnn"
+    version = CNN_VERSION
     needs_public_data = True
 
     def __init__(self, request: EncoderRequest | None = None) -> None:
@@ -280,7 +279,7 @@ class ConvEncoder:
         return torch.cat(out)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "version": CNN_VERSION, "architecture": self.config.to_dict(), **self.details}
+        return {"name": self.name, "version": self.version, "architecture": self.config.to_dict(), **self.details}
 
 
 def _torch_version() -> str:
@@ -415,6 +414,7 @@ class HFVisionEncoder:
     """
 
     name = "hf"
+    version = "1"
     needs_public_data = False
     batch_size = 64
 
@@ -463,7 +463,7 @@ class HFVisionEncoder:
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "version": "1",
+            "version": self.version,
             "path": str(self.folder.path),
             "model_type": self.folder.model_type,
             "model_class": str(type(self.model)).split("'")[1],

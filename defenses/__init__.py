@@ -1,13 +1,13 @@
 """Defenses: how a model owner fine-tunes to resist membership inference.
 
 Built-ins: none, dpsgd, lora, augment, early_stop (and compositions such as
-dpsgd+lora). Third-party defenses arrive through the `benchmark.defenses`
-entry-point group (see `benchmark.kernel.plugins`). Build one with `resolve`:
+dpsgd+lora). Built-in and third-party defenses alike are found through the
+`benchmark.defenses` entry-point group on the registry's first use (see
+`benchmark.kernel.plugins`). Build one with `resolve`:
 
     resolve("dpsgd.eps8", {"clipping_norm": "0.5"})
 """
 
-from defenses import augment, dpsgd, early_stop, lora, none  # noqa: F401  (registers the built-in defenses)
 from defenses.base import DEFENSES, ComposedDefense, Defense, DefenseConfig, FineTuneResult, register_defense
 from defenses.resolve import DefensePreset, presets, resolve, valid_combinations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.kernel.errors import BenchmarkError
-from benchmark.pipeline.records import RecordError, find_epsilon, validate
+from benchmark.pipeline.records import RecordError, ResultRecord
 from leaderboard import plots as plotting
 from leaderboard.tables import BASE_MODEL_ROW, Entry, Row, Table, pareto
 
@@ -74,8 +74,7 @@ def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
                 raise RecordError(
                     f"{rel}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt"
                 ) from None
-            validate(data, source=rel)
-            entries.append(_entry(rel, data))
+            entries.append(_entry(rel, ResultRecord.from_dict(data, source=rel)))
         except RecordError as exc:
             skipped.append(Skipped(rel, str(exc)))
         except (KeyError, TypeError, ValueError) as exc:
@@ -83,76 +82,40 @@ def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
     return entries, skipped
 
 
-def defense_label(defense: dict[str, Any]) -> str:
-    """`dpsgd.eps8`, `dpsgd.eps8+lora.r4`, or the name with a config digest for a non-preset configuration."""
-    name = str(defense["name"])
-    parts = defense.get("components")
-    if isinstance(parts, list) and parts and all(isinstance(p, dict) and p.get("preset") for p in parts):
-        return "+".join(sorted(defense_label(p) for p in parts))
-    preset = defense.get("preset")
-    if preset:
-        # Records name the full preset (`dpsgd.eps8`); a bare tag gets its defense's name.
-        preset = str(preset)
-        return preset if preset.startswith(f"{name}.") else f"{name}.{preset}"
-    config = defense.get("config") or {}
-    if config:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{name} (config {digest})"
-    return name
-
-
-def _ci(value: Any) -> tuple[float, float] | None:
-    if isinstance(value, list) and len(value) == 2:
-        return float(value[0]), float(value[1])
-    return None
-
-
-def _entry(rel: str, data: dict[str, Any]) -> Entry:
-    privacy = data["privacy"]
-    tpr: dict[float, tuple[float, tuple[float, float] | None, int, bool]] = {}
-    for item in privacy["tpr_at_fpr"]:
-        tpr[float(item["target_fpr"])] = (
-            float(item["tpr"]),
-            _ci(item.get("ci")),
-            int(item["n_nonmembers"]),
-            bool(item["supported"]),
-        )
-    utility = data.get("utility")
-    base: dict[str, Any] = {}
-    if utility:
-        network = utility["feature_network"]
-        key = (str(network["name"]), str(network["weights_sha256"]))
-        fid, kid, clip = float(utility["fid"]), float(utility["kid_mean"]), float(utility["clip_score"])
-        base = utility.get("base_model") or {}
+def _entry(rel: str, record: ResultRecord) -> Entry:
+    privacy, attack, utility, control = record.privacy, record.attack, record.utility, record.control
+    tpr = {t.target_fpr: (t.tpr, t.ci, t.n_nonmembers, t.supported) for t in privacy.tpr_at_fpr}
+    if utility is not None:
+        network = utility.feature_network
+        key = (network.name, network.weights_sha256)
+        fid, kid, clip = utility.target.fid, utility.target.kid_mean, utility.target.clip_score
     else:
         key, fid, kid, clip = NO_UTILITY, None, None, None
-    control = data.get("control") or {}
-    target = (data.get("training") or {}).get("target") or {}
-    attack = data["attack"]
-    seeds = data["seeds"]
+    base = utility.base_model if utility is not None else None
+    seeds = record.seeds
     seed = seeds.get("seed", min(seeds.values()) if seeds else 0)
     return Entry(
         path=rel,
-        dataset=str(data["components"]["dataset"]["name"]),
-        scenario=str(attack["scenario"]),
-        defense=defense_label(data["components"]["defense"]),
-        attack_model=str(attack["attack_model"]),
+        dataset=record.dataset,
+        scenario=attack.scenario,
+        defense=record.components["defense"].label,
+        attack_model=attack.attack_model,
         seed=int(seed),
-        auc=float(privacy["auc"]),
-        auc_ci=_ci(privacy.get("auc_ci")),
+        auc=privacy.auc,
+        auc_ci=privacy.auc_ci,
         tpr=tpr,
-        epsilon=find_epsilon(target.get("defense_details")),
+        epsilon=record.training.epsilon,
         utility_key=key,
         fid=fid,
         kid=kid,
         clip=clip,
-        labels=[int(v) for v in attack["labels"]],
-        scores=[float(v) for v in attack["membership_scores"]],
-        control_auc=float(control["auc"]) if "auc" in control else None,
-        control_auc_ci=_ci(control.get("auc_ci")),
-        base_fid=float(base["fid"]) if "fid" in base else None,
-        base_kid=float(base["kid_mean"]) if "kid_mean" in base else None,
-        base_clip=float(base["clip_score"]) if "clip_score" in base else None,
+        labels=list(attack.labels),
+        scores=[float(v) for v in attack.membership_scores],
+        control_auc=control.auc if control is not None else None,
+        control_auc_ci=control.auc_ci if control is not None else None,
+        base_fid=base.fid if base is not None else None,
+        base_kid=base.kid_mean if base is not None else None,
+        base_clip=base.clip_score if base is not None else None,
     )
 
 

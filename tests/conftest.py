@@ -61,12 +61,12 @@ class MicroRun:
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
     """The micro preset, run once for the whole session (cold cache)."""
-    from benchmark.app.config import preset
+    from benchmark.app.config import profile
     from benchmark.app.runner import run
 
     root = tmp_path_factory.mktemp("micro")
     results_dir, cache_dir = root / "results", root / "cache"
-    config = preset("micro").replace(results_dir=results_dir, cache_dir=cache_dir)
+    config = profile("micro").replace(results_dir=results_dir, cache_dir=cache_dir)
     outcome = run(config, show_progress=False)
     return MicroRun(config=config, outcome=outcome, results_dir=results_dir, cache_dir=cache_dir)
 

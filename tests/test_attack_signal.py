@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmark.app.config import preset
+from benchmark.app.config import profile
 from benchmark.app.runner import run
 from benchmark.pipeline.finetune import TrainConfig
 from benchmark.pipeline.target import SamplingConfig
 
 
 def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
-    config = preset("micro").replace(
+    config = profile("micro").replace(
         members=8,
         nonmembers=32,
         shadow_members=8,
@@ -29,8 +29,8 @@ def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
         cache_dir=tmp_path / "cache",
     )
     record = run(config, show_progress=False).record
-    auc = record.metrics["attack_auc"].value
-    control = record.metrics["control_auc_base_model"].value
+    auc = record.privacy.auc
+    control = None if record.control is None else record.control.auc
     assert auc is not None and auc >= 0.75, f"attack AUC {auc:.3f} on an overfit model: should clearly beat chance"
     assert control is not None and 0.25 <= control <= 0.75, f"control AUC {control:.3f} should be near 0.5"
 
@@ -42,5 +42,5 @@ def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
         control=False,
         utility_metrics=False,
     )
-    brief_auc = run(brief, show_progress=False).record.metrics["attack_auc"].value
+    brief_auc = run(brief, show_progress=False).record.privacy.auc
     assert brief_auc is not None and auc >= brief_auc + 0.15, f"400 epochs: AUC {auc:.3f}; 10 epochs: {brief_auc:.3f}"

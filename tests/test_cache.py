@@ -5,9 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmark.kernel.cache import CACHE_ENV, COMPLETE_MARKER, cache_key, cached, default_cache_dir
+from benchmark.kernel.cache import (
+    CACHE_ENV,
+    COMPLETE_MARKER,
+    CacheIntegrityWarning,
+    cache_key,
+    cached,
+    cached_arrays,
+    default_cache_dir,
+    file_sha256,
+    rebuild_log,
+)
 
 
 class Builder:
@@ -32,7 +43,7 @@ def test_builds_once_then_hits(tmp_path: Path) -> None:
     assert builder.builds == 1
     assert entry == tmp_path / "thing" / cache_key({"a": 1})
     marker = json.loads((entry / COMPLETE_MARKER).read_text())
-    assert marker == {"kind": "thing", "inputs": {"a": 1}}
+    assert marker == {"kind": "thing", "inputs": {"a": 1}, "files": {"data.txt": file_sha256(entry / "data.txt")}}
 
     value, hit, entry2 = cached(tmp_path, "thing", {"a": 1}, builder.build, builder.load)
     assert (value, hit, entry2) == ("artefact", True, entry)
@@ -62,6 +73,48 @@ def test_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
     assert builder.builds == 2
     value, hit, _ = cached(tmp_path, "thing", {"a": 1}, builder.build, builder.load)
     assert (value, hit) == ("artefact", True)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda e: (e / "data.txt").write_text("artefacT"), id="same-size edit"),
+        pytest.param(lambda e: (e / "extra.bin").write_bytes(b"x"), id="file added"),
+        pytest.param(lambda e: (e / "data.txt").unlink(), id="file removed"),
+        pytest.param(
+            lambda e: (e / COMPLETE_MARKER).write_text(json.dumps({"kind": "thing", "inputs": {"a": 1}})),
+            id="marker without manifest",
+        ),
+    ],
+)
+def test_tampered_entry_is_detected_rebuilt_and_reported(tmp_path: Path, tamper) -> None:  # type: ignore[no-untyped-def]
+    builder = Builder()
+    _, _, entry = cached(tmp_path, "thing", {"a": 1}, builder.build, builder.load)
+    tamper(entry)
+    with rebuild_log() as rebuilt, pytest.warns(CacheIntegrityWarning, match="was rebuilt"):
+        value, hit, _ = cached(tmp_path, "thing", {"a": 1}, builder.build, builder.load)
+    assert (value, hit, builder.builds) == ("artefact", False, 2)
+    assert len(rebuilt) == 1 and f"thing/{entry.name}" in rebuilt[0]
+    # The rebuilt entry is trusted again, silently.
+    with rebuild_log() as rebuilt_again:
+        assert cached(tmp_path, "thing", {"a": 1}, builder.build, builder.load)[:2] == ("artefact", True)
+    assert rebuilt_again == []
+
+
+def test_reordered_rows_of_cached_arrays_are_detected(tmp_path: Path) -> None:
+    """Reordered score rows are still a valid array; only the content hash tells."""
+    calls = []
+
+    def compute() -> tuple[dict[str, np.ndarray], dict[str, object]]:
+        calls.append(1)
+        return {"scores": np.arange(12.0).reshape(4, 3)}, {"n": 4}
+
+    arrays, meta = cached_arrays(tmp_path, "scores", {"q": 1}, compute)
+    [entry] = (tmp_path / "scores").iterdir()
+    np.save(entry / "scores.npy", arrays["scores"][::-1], allow_pickle=False)
+    with pytest.warns(CacheIntegrityWarning):
+        again, meta_again = cached_arrays(tmp_path, "scores", {"q": 1}, compute)
+    assert len(calls) == 2 and np.array_equal(again["scores"], arrays["scores"]) and meta_again == meta == {"n": 4}
 
 
 def test_entry_without_marker_is_rebuilt(tmp_path: Path) -> None:
@@ -98,8 +151,8 @@ def test_default_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_preset_cache_dir_follows_env_set_after_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmark.app.config import RunConfig, preset
+    from benchmark.app.config import RunConfig, profile
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "late"))
     assert RunConfig().cache_path == (tmp_path / "late").resolve()  # a fresh instance does follow it
-    assert preset("micro").cache_path == (tmp_path / "late").resolve()
+    assert profile("micro").cache_path == (tmp_path / "late").resolve()

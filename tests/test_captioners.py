@@ -16,7 +16,6 @@ from attacks.captioners import (
     CaptionerTraining,
     WordVocabulary,
     build_captioner,
-    check_captioner_request,
 )
 from attacks.training_data import TrainingData
 from benchmark.kernel.errors import ConfigError, ModelError
@@ -88,7 +87,7 @@ def test_caption_queries_replaces_missing_captions(data: tuple[TrainingData, Tra
 
 def test_tiny_captioner_needs_public_data() -> None:
     with pytest.raises(ConfigError, match="public split"):
-        check_captioner_request("tiny", CaptionerRequest())
+        CAPTIONERS.check("tiny", CaptionerRequest())
 
 
 def _tiny_blip(folder: Path) -> None:
@@ -140,13 +139,13 @@ def test_blip_captioner_from_a_local_folder(tmp_path: Path) -> None:
 
 def test_blip_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--captioner-path"):
-        check_captioner_request("blip", CaptionerRequest())
+        CAPTIONERS.check("blip", CaptionerRequest())
     with pytest.raises(ModelError, match="does not exist"):
-        check_captioner_request("blip", CaptionerRequest(path=tmp_path / "nope"))
+        CAPTIONERS.check("blip", CaptionerRequest(path=tmp_path / "nope"))
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(ModelError, match="needs a BLIP or BLIP-2"):
-        check_captioner_request("blip", CaptionerRequest(path=tmp_path / "vit"))
+        CAPTIONERS.check("blip", CaptionerRequest(path=tmp_path / "vit"))
 
 
 def test_expected_captioners_registered() -> None:

@@ -19,7 +19,7 @@ def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     argv = [
         "run",
-        "--preset",
+        "--profile",
         "micro",
         "--quiet",
         "--results-dir",
@@ -120,11 +120,11 @@ def test_invalid_values_exit_2(
     assert expected in err
 
 
-def test_unknown_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["run", "--preset", "huge", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
+def test_unknown_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--profile", "huge", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2
-    assert "unknown preset 'huge'" in err and "micro" in err
+    assert "unknown profile 'huge'" in err and "micro" in err
 
 
 def test_error_messages_are_not_markup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,7 +138,17 @@ def test_list_prints_every_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr()
     text = out.err + out.out
-    for kind in ("datasets", "models", "defenses", "attack models", "encoders", "distances", "scenarios", "presets"):
+    for kind in (
+        "datasets",
+        "models",
+        "defenses",
+        "attack models",
+        "encoders",
+        "distances",
+        "scenarios",
+        "defense presets",
+        "profiles",
+    ):
         assert kind in text, kind
     lines = [line.split() for line in text.splitlines()]
     entries = {words[0] for words in lines if words}
@@ -157,7 +167,7 @@ def test_run_with_unwritable_results_folder_fails_before_training(tmp_path: Path
     code = main(
         [
             "run",
-            "--preset",
+            "--profile",
             "micro",
             "--quiet",
             "--results-dir",
@@ -176,9 +186,9 @@ def test_threads_flag(tmp_path: Path, capsys) -> None:  # type: ignore[no-untype
 
     before = torch.get_num_threads()
     try:
-        assert main(["suite", "--preset", "micro", "--threads", "0", "--results-dir", str(tmp_path)]) == 2
+        assert main(["suite", "--profile", "micro", "--threads", "0", "--results-dir", str(tmp_path)]) == 2
         assert "--threads must be >= 1" in capsys.readouterr().err
-        code = main(["suite", "--preset", "micro", "--threads", "1", "--seeds", "x", "--results-dir", str(tmp_path)])
+        code = main(["suite", "--profile", "micro", "--threads", "1", "--seeds", "x", "--results-dir", str(tmp_path)])
         assert code == 2 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -14,7 +14,6 @@ from attacks.encoders import (
     EncoderRequest,
     EncoderTraining,
     build_encoder,
-    check_encoder_request,
     inspect_vision_folder,
 )
 from attacks.testing import EncoderContract
@@ -151,7 +150,7 @@ def test_hf_folder_that_is_not_a_vision_model(tmp_path: Path) -> None:
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
     ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelError, match="'bert' model, which is not a vision model"):
-        check_encoder_request("hf", EncoderRequest(path=tmp_path / "bert"))
+        ENCODERS.check("hf", EncoderRequest(path=tmp_path / "bert"))
 
 
 @pytest.mark.parametrize(
@@ -163,23 +162,23 @@ def test_hf_folder_that_is_not_a_vision_model(tmp_path: Path) -> None:
 )
 def test_hf_folder_errors(tmp_path: Path, make, expected: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BenchmarkError, match=expected):
-        check_encoder_request("hf", EncoderRequest(path=make(tmp_path)))
+        ENCODERS.check("hf", EncoderRequest(path=make(tmp_path)))
 
 
 def test_hf_without_path() -> None:
     with pytest.raises(ConfigError, match="--encoder-path"):
-        check_encoder_request("hf", EncoderRequest())
+        ENCODERS.check("hf", EncoderRequest())
 
 
 def test_config_validate_rejects_non_vision_encoder_folder(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from benchmark.app.config import preset
+    from benchmark.app.config import profile
 
     BertModel(
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
     ).save_pretrained(tmp_path / "bert")
-    config = preset("micro").replace(encoder="hf", encoder_path=tmp_path / "bert", cache_dir=tmp_path / "c")
+    config = profile("micro").replace(encoder="hf", encoder_path=tmp_path / "bert", cache_dir=tmp_path / "c")
     with pytest.raises(ModelError, match="not a vision model"):
         config.validate()
     assert not (tmp_path / "c").exists(), "rejected before anything was built"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.app.config import preset
+from benchmark.app.config import profile
 from benchmark.app.reproduce import Tolerance, reproduce
 from benchmark.app.runner import run
 from benchmark.pipeline.finetune import TrainConfig
@@ -113,7 +113,8 @@ def _reference_record(defense: str, scenario: str, attack_model: str) -> Path:
     # Folders are named by defense; the preset is in the record.
     for path in sorted((RESULTS / "scenes" / scenario / defense.split(".")[0]).glob("*.json")):
         record = json.loads(path.read_text())
-        preset = record["components"]["defense"].get("preset") or record["components"]["defense"]["name"]
+        defense_entry = record["components"]["defense"]
+        preset = defense_entry["details"].get("preset") or defense_entry["name"]
         if record["attack"]["attack_model"] == attack_model and preset == defense:
             return path
     raise AssertionError(f"no reference record for {defense} / {scenario} / {attack_model}")
@@ -134,7 +135,7 @@ def test_reference_cells_reproduce_from_an_empty_cache(
 
 @pytest.mark.slow
 def test_more_epochs_raise_auc_on_the_default(tmp_path: Path, all_cores: None) -> None:
-    config = preset("default").replace(utility_metrics=False, control=False, baseline=False, bootstrap_resamples=0)
+    config = profile("default").replace(utility_metrics=False, control=False, baseline=False, bootstrap_resamples=0)
     auc = {}
     for epochs in (50, 600):
         cfg = config.replace(
@@ -142,5 +143,5 @@ def test_more_epochs_raise_auc_on_the_default(tmp_path: Path, all_cores: None) -
             results_dir=tmp_path / f"results-{epochs}",
             cache_dir=tmp_path / "cache",
         )
-        auc[epochs] = run(cfg, show_progress=False).record.metrics["attack_auc"].value
+        auc[epochs] = run(cfg, show_progress=False).record.privacy.auc
     assert auc[600] >= auc[50] + 0.15, auc

@@ -2,127 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from benchmark.pipeline.records import validate
+from benchmark.pipeline.records import ResultRecord, UtilityFigures, encode
 from leaderboard.build import build, escape, pareto
 from leaderboard.cli import main
+from tests.factories import make_record
 
 
-def make_record(
-    *,
-    defense: str = "none",
-    preset: str | None = None,
-    seed: int = 0,
-    scenario: str = "I",
-    attack_model: str = "threshold",
-    auc: float = 0.8,
-    tpr1: float = 0.3,
-    fid: float | None = 10.0,
-    clip: float = 25.0,
-    epsilon: float | None = None,
-    network: tuple[str, str] = ("clip-ref", "a" * 64),
-    n_nonmembers: int = 8,
-) -> dict[str, Any]:
-    def comp(name: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "version": "1", "origin": "test", **extra}
-
-    labels = [1, 0] * n_nonmembers
-    scores = [float(i % 7) + (0.5 if lab else 0.0) for i, lab in enumerate(labels)]
-    tpr_items = [
-        {
-            "target_fpr": fpr,
-            "tpr": tpr1 if fpr == 0.01 else tpr1 / 2,
-            "realised_fpr": 0.0,
-            "threshold": 1.0,
-            "n_nonmembers": n_nonmembers,
-            "supported": n_nonmembers >= 1 / fpr,
-            "ci": [0.0, min(1.0, tpr1 + 0.1)],
-        }
-        for fpr in (0.01, 0.001)
-    ]
-    record: dict[str, Any] = {
-        "schema_version": 1,
-        "run_id": f"r-{defense}-{preset}-{seed}-{scenario}-{attack_model}".replace(" ", "_").replace("|", "_"),
-        "provenance": {
-            "package": "diffusion-mia-bench",
-            "package_version": "0.1.0",
-            "git_commit": None,
-            "created": "2026-01-01T00:00:00+00:00",
-            "python": "3.11",
-            "platform": "test",
-            "libraries": {},
-        },
-        "seeds": {"seed": seed, "shadow_seed": 10000 + seed},
-        "config": {},
-        "components": {
-            "dataset": comp("scenes"),
-            "model": comp("tiny"),
-            "defense": comp(defense, preset=preset, config={}),
-            "attack_model": comp(attack_model),
-            "encoder": comp("pixels"),
-        },
-        "splits": {"members": [], "nonmembers": []},
-        "training": {"target": {"defense_details": {defense: {"epsilon": epsilon}} if epsilon is not None else {}}},
-        "attack": {
-            "scenario": scenario,
-            "attack_model": attack_model,
-            "encoder": "pixels",
-            "distance": "cosine",
-            "generations_per_query": 2,
-            "query_access": "text",
-            "caption_source": "ground_truth",
-            "shadow_mode": "aware",
-            "queries_spent": len(labels),
-            "images_generated": 2 * len(labels),
-            "query_ids": [f"q{i}" for i in range(len(labels))],
-            "labels": labels,
-            "scores": [[s] for s in scores],
-            "membership_scores": scores,
-            "predictions": labels,
-        },
-        "privacy": {
-            "auc": auc,
-            "auc_ci": [max(0.0, auc - 0.1), min(1.0, auc + 0.1)],
-            "balanced_accuracy": auc,
-            "tpr_at_fpr": tpr_items,
-            "n_members": n_nonmembers,
-            "n_nonmembers": n_nonmembers,
-        },
-        "metrics": {"attack_auc": {"value": auc, "higher_is_better": False}},
-        "timings_s": {"total": 1.0},
-        "peak_memory_mb": 1.0,
-        "utility": None,
-        "notes": [],
-    }
-    if fid is not None:
-        record["utility"] = {
-            "feature_network": {"name": network[0], "weights_sha256": network[1]},
-            "clip_model": {"name": network[0], "weights_sha256": network[1]},
-            "n_real": 10,
-            "n_generated": 10,
-            "kid_subset_size": 5,
-            "kid_subsets": 2,
-            "seed": 0,
-            "fid": fid,
-            "kid_mean": fid / 1000,
-            "kid_std": 0.001,
-            "clip_score": clip,
-        }
-    return validate(record)
-
-
-def put(folder: Path, record: dict[str, Any]) -> Path:
-    c = record["components"]
-    path = (
-        folder / c["dataset"]["name"] / record["attack"]["scenario"] / c["defense"]["name"] / f"{record['run_id']}.json"
-    )
+def put(folder: Path, record: ResultRecord) -> Path:
+    path = folder / record.dataset / record.scenario / record.defense / f"{record.run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    path.write_text(encode(record.to_dict()))
     return path
 
 
@@ -139,9 +34,8 @@ def results(tmp_path: Path) -> Path:
     bad.mkdir(parents=True)
     (bad / "corrupt.json").write_text('{"schema_version": 1, "run_id": ')
     (bad / "foreign.json").write_text(json.dumps({"name": "package.json", "version": "1.0"}))
-    old = make_record(defense="none", seed=7)
-    old["schema_version"] = 0
-    (bad / "old.json").write_text(json.dumps(old))
+    old = make_record(defense="none", seed=7, schema_version=0)
+    (bad / "old.json").write_text(encode(old.to_dict()))
     return folder
 
 
@@ -187,10 +81,9 @@ def test_malicious_defense_name_is_escaped(tmp_path: Path):
     folder = tmp_path / "results"
     evil = "x | y\n| z `code` <script>alert(1)</script>"
     put(folder, make_record(defense="none"))
-    record = make_record(defense="none")
-    record["components"]["defense"]["name"] = evil
-    record["run_id"] = "evil"
-    (folder / "evil.json").write_text(json.dumps(record))
+    record = make_record(defense="none", run_id="evil")
+    record.components["defense"] = dataclasses.replace(record.components["defense"], name=evil)
+    (folder / "evil.json").write_text(encode(record.to_dict()))
     md = build(folder, plots=False).markdown
     assert "<script>" not in md and "`code`" not in md
     table = [line for line in md.splitlines() if line.startswith("| ") and "x &#124; y" in line]
@@ -244,13 +137,16 @@ def test_base_model_reference_row_comes_from_the_undefended_control(tmp_path: Pa
     folder = tmp_path / "results"
     for attack_model, control_auc in (("threshold", 0.48), ("distribution", 0.55)):
         record = make_record(defense="none", attack_model=attack_model, auc=0.95, fid=10.0, clip=44.0)
-        record["control"] = {**record["privacy"], "auc": control_auc, "auc_ci": [0.4, 0.6]}
-        record["utility"]["base_model"] = {"fid": 4.5, "kid_mean": 0.01, "kid_std": 0.002, "clip_score": 20.0}
-        put(folder, validate(record))
+        record.control = dataclasses.replace(record.privacy, auc=control_auc, auc_ci=(0.4, 0.6))
+        assert record.utility is not None
+        record.utility = dataclasses.replace(
+            record.utility, base_model=UtilityFigures(fid=4.5, kid_mean=0.01, kid_std=0.002, clip_score=20.0)
+        )
+        put(folder, record)
     # A DP record's control is ignored: the reference row is the undefended attack on the base model.
     dp = make_record(defense="dpsgd", preset="eps1", auc=0.5, fid=80.0, clip=4.0, epsilon=1.0)
-    dp["control"] = {**dp["privacy"], "auc": 0.9}
-    put(folder, validate(dp))
+    dp.control = dataclasses.replace(dp.privacy, auc=0.9)
+    put(folder, dp)
     board = build(folder, plots=True)
     rows = _rows(board.markdown)
     base = rows["*base model, not fine-tuned (reference)*"]
@@ -264,7 +160,7 @@ def test_base_model_reference_row_comes_from_the_undefended_control(tmp_path: Pa
 
 
 def test_defense_labels() -> None:
-    from leaderboard.build import defense_label
+    from benchmark.pipeline.records import component_label as defense_label
 
     assert defense_label({"name": "dpsgd", "preset": "dpsgd.eps8"}) == "dpsgd.eps8"
     assert defense_label({"name": "dpsgd", "preset": "eps8"}) == "dpsgd.eps8"

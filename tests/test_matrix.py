@@ -47,7 +47,7 @@ def matrix(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def test_one_valid_record_and_plot_per_cell(matrix) -> None:  # type: ignore[no-untyped-def]
     outcomes, results, _ = matrix
-    cells = {(o.record.scenario, o.record.attack["attack_model"]) for o in outcomes}
+    cells = {(o.record.scenario, o.record.attack.attack_model) for o in outcomes}
     assert cells == {(s.value, a) for s in Scenario for a in ATTACK_MODELS.names()}
     assert len(outcomes) == 12
     files = _files(results)
@@ -78,16 +78,16 @@ def test_scoring_is_shared_between_attack_models_and_scenarios(matrix) -> None: 
     base_sets = {c for name, c in calls if name == "base"}
     assert base_sets < target_sets and len(target_sets - base_sets) == 1
     assert len(calls) == len(shadow_sets) + len(target_sets) + len(base_sets)
-    by_cell = {(o.record.scenario, o.record.attack["attack_model"]): o.record for o in outcomes}
+    by_cell = {(o.record.scenario, o.record.attack.attack_model): o.record for o in outcomes}
     if len(target_sets) == 2:  # the captioners agreed, so II and IV share the target's scores
-        assert by_cell[("II", "threshold")].attack["scores"] == by_cell[("IV", "threshold")].attack["scores"]
+        assert by_cell[("II", "threshold")].attack.scores == by_cell[("IV", "threshold")].attack.scores
     for scenario in Scenario:
         records = [by_cell[(scenario.value, a)] for a in ATTACK_MODELS.names()]
-        assert all(r.attack["scores"] == records[0].attack["scores"] for r in records)
+        assert all(r.attack.scores == records[0].attack.scores for r in records)
         assert all(r.training == records[0].training for r in records)
-    assert by_cell[("I", "threshold")].attack["scores"] == by_cell[("III", "threshold")].attack["scores"]
-    assert by_cell[("I", "threshold")].training["shadow"] == by_cell[("II", "threshold")].training["shadow"]
-    assert by_cell[("I", "threshold")].training["target"] == by_cell[("IV", "threshold")].training["target"]
+    assert by_cell[("I", "threshold")].attack.scores == by_cell[("III", "threshold")].attack.scores
+    assert by_cell[("I", "threshold")].training.shadow == by_cell[("II", "threshold")].training.shadow
+    assert by_cell[("I", "threshold")].training.target == by_cell[("IV", "threshold")].training.target
 
 
 def test_scenario_splits_and_caption_sources(matrix) -> None:  # type: ignore[no-untyped-def]
@@ -101,37 +101,39 @@ def test_scenario_splits_and_caption_sources(matrix) -> None:  # type: ignore[no
         assert not shadow_all & nonmembers, "target non-members are the evaluation set"
         overlap = len(shadow_members & members)
         if record.scenario in ("I", "II"):
-            assert overlap == len(shadow_members) // 2 == attack["shadow_overlap_with_target_members"]
+            assert overlap == len(shadow_members) // 2 == attack.shadow_overlap_with_target_members
         else:
-            assert overlap == 0 == attack["shadow_overlap_with_target_members"]
+            assert overlap == 0 == attack.shadow_overlap_with_target_members
         if record.scenario in ("II", "IV"):
-            assert attack["caption_source"] == "captioner"
-            assert attack["captioner_fine_tuned"] is True
-            assert record.components["captioner"]["name"] == "tiny"
-            assert set(attack["caption_exact_match"]) == {"target_members", "target_nonmembers", "shadow_queries"}
+            assert attack.caption_source == "captioner"
+            assert attack.captioner_fine_tuned is True
+            assert record.components["captioner"].name == "tiny"
+            assert set(attack.caption_exact_match) == {"target_members", "target_nonmembers", "shadow_queries"}
         else:
-            assert attack["caption_source"] == "ground_truth" and attack["captioner_fine_tuned"] is None
+            assert attack.caption_source == "ground_truth" and attack.captioner_fine_tuned is None
             assert "captioner" not in record.components
-        assert attack["shadow_mode"] == "aware" and attack["shadow_defense"] == "none"
-        assert attack["query_access"] == "text" and attack["strength"] is None
+        assert attack.shadow_mode == "aware" and attack.shadow_defense == "none"
+        assert attack.query_access == "text" and attack.strength is None
 
 
 def test_each_cell_is_fitted_on_the_shadow_and_recomputes(matrix) -> None:  # type: ignore[no-untyped-def]
     outcomes, _, _ = matrix
     for outcome in outcomes:
         record = outcome.record
-        labels = np.asarray(record.attack["labels"])
-        membership = np.asarray(record.attack["membership_scores"])
-        assert record.privacy["auc"] == pytest.approx(roc_auc_score(labels, membership), abs=1e-12)
-        assert record.metrics["attack_auc"].ci == tuple(record.privacy["auc_ci"])
-        assert record.components["attack_model"]["name"] == record.attack["attack_model"]
+        labels = np.asarray(record.attack.labels)
+        membership = np.asarray(record.attack.membership_scores)
+        assert record.privacy.auc == pytest.approx(roc_auc_score(labels, membership), abs=1e-12)
+        figures = {f.name: f for f in record.figures()}
+        assert figures["privacy.auc"].value == record.privacy.auc
+        assert figures["privacy.auc"].ci == record.privacy.auc_ci is not None
+        assert record.components["attack_model"].name == record.attack.attack_model
         # Budget: every target query once, m generations each.
-        assert record.attack["queries_spent"] == len(labels)
-        assert record.attack["images_generated"] == len(labels) * record.attack["generations_per_query"]
-        assert record.attack["images_per_second"] > 0
-        assert 0 < record.attack["model_time_fraction"] <= 1
+        assert record.attack.queries_spent == len(labels)
+        assert record.attack.images_generated == len(labels) * record.attack.generations_per_query
+        assert record.attack.images_per_second > 0
+        assert 0 < record.attack.model_time_fraction <= 1
         assert record.baseline is not None and record.control is not None
-        assert "baseline_auc_model_free" in record.metrics and "control_auc_base_model" in record.metrics
+        assert {"baseline.auc", "control.auc"} <= set(figures)
 
 
 @pytest.fixture(scope="module")
@@ -150,44 +152,44 @@ def variants(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def test_untuned_captioner_is_recorded(variants) -> None:  # type: ignore[no-untyped-def]
     record = variants["untuned"].record
-    assert record.attack["captioner_fine_tuned"] is False
-    assert record.components["captioner"]["fine_tuned"] is False
+    assert record.attack.captioner_fine_tuned is False
+    assert record.components["captioner"].details["fine_tuned"] is False
     assert record.config["captioner_finetune"] is False
     load_record(variants["untuned"].path)
 
 
 def test_img2img_is_recorded_separately(variants) -> None:  # type: ignore[no-untyped-def]
     record = variants["img2img"].record
-    assert record.attack["query_access"] == "img2img" and record.attack["strength"] == 0.3
-    assert record.attack["queries_spent"] == len(record.attack["labels"])
+    assert record.attack.query_access == "img2img" and record.attack.strength == 0.3
+    assert record.attack.queries_spent == len(record.attack.labels)
     assert any("image-to-image" in note for note in record.notes)
     load_record(variants["img2img"].path)
 
 
 def test_naive_shadow_is_recorded(variants) -> None:  # type: ignore[no-untyped-def]
     record = variants["naive"].record
-    assert record.attack["shadow_mode"] == "naive" and record.attack["defense_aware_shadow"] is False
-    assert record.attack["shadow_defense"] == "none"
-    assert record.baseline is None and "baseline_auc_model_free" not in record.metrics
+    assert record.attack.shadow_mode == "naive" and record.attack.defense_aware_shadow is False
+    assert record.attack.shadow_defense == "none"
+    assert record.baseline is None and "baseline.auc" not in {f.name for f in record.figures()}
     load_record(variants["naive"].path)
 
 
 def test_cli_runs_one_cell_of_the_matrix(micro_run, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("COLUMNS", "400")
     results = tmp_path / "results"
-    argv = ["run", "--preset", "micro", "--quiet", "--results-dir", str(results)]
+    argv = ["run", "--profile", "micro", "--quiet", "--results-dir", str(results)]
     argv += ["--cache-dir", str(micro_run.cache_dir), "--scenario", "I", "--attack-model", "classifier", "--no-control"]
     assert main(argv) == 0
     [path] = [p for p in _files(results) if p.suffix == ".json"]
     data = load_record(path)
     assert (data["attack"]["scenario"], data["attack"]["attack_model"]) == ("I", "classifier")
-    assert "attack_auc" in capsys.readouterr().err
+    assert "privacy.auc" in capsys.readouterr().err
 
 
 def test_cli_runs_several_cells_and_prints_the_matrix(micro_run, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("COLUMNS", "400")
     results = tmp_path / "results"
-    argv = ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--no-control"]
+    argv = ["run", "--profile", "micro", "--quiet", "--results-dir", str(results), "--no-control"]
     argv += ["--cache-dir", str(micro_run.cache_dir), "--scenario", "I,III", "--attack-model", "all"]
     assert main(argv) == 0
     records = [load_record(p) for p in _files(results) if p.suffix == ".json"]

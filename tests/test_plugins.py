@@ -148,7 +148,7 @@ def test_a_defense_that_raises_fails_the_run_cleanly(micro_run, tmp_path: Path, 
     assert _files(micro_run.cache_dir) == cache_before, "no partial fine-tuned model in the cache"
     monkeypatch.setenv("COLUMNS", "400")
     code = main(
-        ["run", "--preset", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
+        ["run", "--profile", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
     )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "error: defense 'exploding'" in err and "Traceback" not in err
@@ -208,7 +208,7 @@ def test_example_plugin_installs_passes_its_contract_and_runs_end_to_end(
         code = pytest.main(["-q", "-p", "no:cacheprovider", {str(PLUGIN_DIR / "tests")!r}])
         assert code == 0, f"contract tests failed ({{code}})"
         assert main(["list"]) == 0
-        sys.exit(main(["run", "--preset", "micro", "--quiet", "--no-control",
+        sys.exit(main(["run", "--profile", "micro", "--quiet", "--no-control",
                        "--defense", "dpsgd.sigma1+weight_decay.wd01", "--defense-arg", "weight_decay=0.2",
                        "--results-dir", {str(results)!r}, "--cache-dir", {str(micro_run.cache_dir)!r}]))
         """
@@ -230,7 +230,7 @@ def test_example_plugin_installs_passes_its_contract_and_runs_end_to_end(
     defense = record["components"]["defense"]
     assert defense["name"] == "dpsgd+weight_decay"
     assert defense["origin"] == f"diffusion-mia-bench==0.1.0 + {PLUGIN_DIST}==0.1.0"
-    parts = {c["name"]: c for c in defense["components"]}
+    parts = {c["name"]: c for c in defense["details"]["components"]}
     assert parts["weight_decay"]["origin"] == f"{PLUGIN_DIST}==0.1.0" and parts["weight_decay"]["version"] == "0.1.0"
     assert parts["weight_decay"]["preset"] is None  # overridden: named by its configuration
     assert parts["dpsgd"]["preset"] == "dpsgd.sigma1"

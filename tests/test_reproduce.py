@@ -8,22 +8,25 @@ from pathlib import Path
 import pytest
 
 from benchmark.app.cli import main
-from benchmark.app.config import RunConfig, preset
+from benchmark.app.config import RunConfig, profile
 from benchmark.app.reproduce import Comparison, Tolerance, figures, reproduce
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.records import RecordError
+from benchmark.pipeline.records import RecordError, TrainingRecord
+from tests.factories import make_record
 
 
 def test_run_config_round_trips_through_json() -> None:
     for name in ("default", "micro", "full"):
-        config = preset(name).replace(defense="dpsgd", defense_args=(("target_epsilon", "4"),), dataset_path=Path("/x"))
+        config = profile(name).replace(
+            defense="dpsgd", defense_args=(("target_epsilon", "4"),), dataset_path=Path("/x")
+        )
         back = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
         assert back.to_dict() == config.to_dict()
         assert back.finetune == config.finetune and back.scenario is config.scenario
 
 
 def test_run_config_from_dict_rejects_unknown_settings() -> None:
-    data = preset("micro").to_dict()
+    data = profile("micro").to_dict()
     data["turbo"] = True
     with pytest.raises(ConfigError, match="unknown run setting.*turbo"):
         RunConfig.from_dict(data)
@@ -39,8 +42,8 @@ def test_a_record_reproduces_from_an_empty_cache(micro_run, tmp_path: Path) -> N
 
 def test_a_tampered_record_does_not_reproduce(micro_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     data = json.loads(micro_run.outcome.path.read_text())
-    auc = data["metrics"]["attack_auc"]["value"]
-    data["metrics"]["attack_auc"]["value"] = auc - 0.3 if auc > 0.5 else auc + 0.3
+    auc = data["privacy"]["auc"]
+    data["privacy"]["auc"] = auc - 0.3 if auc > 0.5 else auc + 0.3
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(data))
     code = main(["reproduce", str(forged), "--cache-dir", str(micro_run.cache_dir), "--quiet"])
@@ -59,10 +62,9 @@ def test_tolerances_are_absolute_for_auc_and_relative_for_fid() -> None:
 
 
 def test_figures_read_epsilon_from_the_defense_report() -> None:
-    record = {
-        "metrics": {"attack_auc": {"value": 0.5}},
-        "training": {"target": {"defense_details": {"dpsgd": {"epsilon": 3.99}}}},
-    }
+    record = make_record(
+        fid=None, training=TrainingRecord(target={"defense_details": {"dpsgd": {"epsilon": 3.99}}}, shadow={})
+    )
     assert figures(record)["epsilon"] == 3.99 and figures(record)["fid"] is None
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from benchmark.pipeline.records import (
     SCHEMA_VERSION,
-    Metric,
     RecordError,
     ResultRecord,
     load_record,
@@ -43,7 +42,7 @@ def test_session_record_validates(micro_run, data: dict) -> None:  # type: ignor
     assert data == json.loads(json.dumps(micro_run.outcome.record.to_dict()))
 
 
-def test_record_content(data: dict) -> None:  # type: ignore[type-arg]
+def test_record_content(micro_run, data: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
     attack = data["attack"]
     n = len(attack["query_ids"])
     assert n == 16
@@ -66,18 +65,18 @@ def test_record_content(data: dict) -> None:  # type: ignore[type-arg]
     assert set(prov["libraries"]) >= {"torch", "diffusers", "transformers", "numpy", "scikit-learn"}
     assert prov["python"].count(".") == 2
 
-    assert set(data["metrics"]) >= {"attack_auc", "attack_tpr_at_1pct_fpr", "attack_balanced_accuracy"}
-    for name, metric in data["metrics"].items():
-        assert set(metric) >= {"value", "higher_is_better"}, name
-        assert isinstance(metric["higher_is_better"], bool)
-        assert metric["value"] is None or isinstance(metric["value"], float)
-    # For a privacy defense, a stronger attack is worse for the model owner.
-    assert data["metrics"]["attack_auc"]["higher_is_better"] is False
-    assert data["metrics"]["attack_auc"]["value"] == data["privacy"]["auc"]
+    # Each figure has one home; its direction comes from the home's type.
+    assert "metrics" not in data
+    figures = {f.name: f for f in micro_run.outcome.record.figures()}
+    assert figures["privacy.auc"].value == data["privacy"]["auc"] and figures["privacy.auc"].higher_is_better is False
+    assert figures["utility.clip_score"].higher_is_better is True
+    # One reader: the file reads back as the record that was written.
+    written = json.loads(json.dumps(micro_run.outcome.record.to_dict()))
+    assert ResultRecord.from_dict(data) == ResultRecord.from_dict(written)
 
     assert set(data["components"]) >= {"dataset", "model", "defense", "attack_model", "encoder"}
     assert data["components"]["defense"]["name"] == "none"
-    assert data["config"]["preset"] == "micro"
+    assert data["config"]["profile"] == "micro"
     assert data["seeds"]["seed"] == 0
     # 8 non-members cannot speak for FPR 1%: the record says so.
     assert any("not supported" in note for note in data["notes"])
@@ -106,14 +105,14 @@ def test_write_leaves_no_temporary_files(tmp_path: Path, record: ResultRecord) -
 
 
 def test_invalid_record_is_not_written(tmp_path: Path, record: ResultRecord) -> None:
-    bad = dataclasses.replace(record, attack={**record.attack, "scenario": "V"})
+    bad = dataclasses.replace(record, attack=dataclasses.replace(record.attack, scenario="V"))
     with pytest.raises(RecordError, match="attack/scenario"):
         write_record(bad, tmp_path)
     assert _files(tmp_path) == []
 
 
 def test_non_finite_value_raises_record_error(tmp_path: Path, record: ResultRecord) -> None:
-    bad = dataclasses.replace(record, metrics={**record.metrics, "attack_auc": Metric(float("nan"), False)})
+    bad = dataclasses.replace(record, privacy=dataclasses.replace(record.privacy, auc=float("nan")))
     with pytest.raises(RecordError):
         write_record(bad, tmp_path)
 
@@ -150,7 +149,8 @@ def test_unsupported_schema_version(tmp_path: Path, data: dict) -> None:  # type
     [
         (lambda d: d.pop("attack"), "(top level)"),
         (lambda d: d["privacy"].__setitem__("auc", 1.5), "privacy/auc"),
-        (lambda d: d["metrics"]["attack_auc"].pop("higher_is_better"), "metrics/attack_auc"),
+        (lambda d: d["components"]["defense"].pop("details"), "components/defense"),
+        (lambda d: d["privacy"].__setitem__("auc_ci", [float("nan"), 0.5]), "privacy/auc_ci/0"),
         (lambda d: d["attack"]["labels"].__setitem__(0, 2), "attack/labels/0"),
         (lambda d: d.__setitem__("run_id", "has/slash"), "run_id"),
     ],

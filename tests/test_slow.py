@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.app.config import preset
+from benchmark.app.config import profile
 from benchmark.app.runner import run
 from benchmark.pipeline.records import load_record
 
@@ -25,13 +25,13 @@ def test_default_preset_attack_beats_chance(
     torch.set_num_threads(os.cpu_count() or 1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     cache_dir = Path(user_cache_dir).expanduser().resolve() if user_cache_dir else tmp_path / "cache"
-    config = preset("default").replace(results_dir=tmp_path / "results", cache_dir=cache_dir)
+    config = profile("default").replace(results_dir=tmp_path / "results", cache_dir=cache_dir)
     outcome = run(config, show_progress=False)
 
     data = load_record(outcome.path)
     assert data["attack"]["queries_spent"] == config.members + config.nonmembers
-    auc = outcome.record.metrics["attack_auc"].value
-    control = outcome.record.metrics["control_auc_base_model"].value
+    auc = outcome.record.privacy.auc
+    control = outcome.record.control.auc
     assert auc is not None and auc >= 0.8, f"undefended attack AUC {auc:.3f}: should clearly beat chance"
     assert control is not None and 0.3 <= control <= 0.7, (
         f"control AUC on the base model {control:.3f}: should be near 0.5"

@@ -10,14 +10,14 @@ import pytest
 
 from attacks.scenarios import Scenario
 from benchmark.app.cli import main
-from benchmark.app.config import preset
+from benchmark.app.config import profile
 from benchmark.app.suite import SuiteSpec, cell_key, finished_cells, run_suite, unit_lock
 from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.records import load_record
 
 
 def _spec(tmp_path: Path, **changes: Any) -> SuiteSpec:
-    config = preset("micro").replace(
+    config = profile("micro").replace(
         results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", bootstrap_resamples=0
     )
     fields = {
@@ -166,7 +166,7 @@ def test_results_path_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_cell_key_ignores_where_results_and_caches_live(tmp_path: Path) -> None:
-    config = preset("micro")
+    config = profile("micro")
     moved = config.replace(results_dir=tmp_path / "elsewhere", cache_dir=tmp_path / "other-cache")
     assert cell_key(config) == cell_key(moved)
     assert cell_key(config) != cell_key(config.replace(seed=1))
@@ -175,7 +175,7 @@ def test_cell_key_ignores_where_results_and_caches_live(tmp_path: Path) -> None:
 
 
 def test_cli_suite_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["suite", "--preset", "micro", "--results-dir", str(tmp_path / "r"), "--quiet"]
+    base = ["suite", "--profile", "micro", "--results-dir", str(tmp_path / "r"), "--quiet"]
     assert main([*base, "--seeds", "zero"]) == 2
     assert "--seeds 'zero' is not a comma list of integers" in capsys.readouterr().err
     assert main([*base, "--defenses", ","]) == 2
@@ -187,7 +187,7 @@ def test_cli_suite_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_cli_suite_runs_and_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = tmp_path / "summary.json"
     argv = [
-        "suite", "--preset", "micro", "--defenses", "none", "--scenarios", "III", "--attack-models", "threshold",
+        "suite", "--profile", "micro", "--defenses", "none", "--scenarios", "III", "--attack-models", "threshold",
         "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--quiet", "--summary", str(summary),
     ]  # fmt: skip
     assert main(argv) == 0
@@ -213,7 +213,7 @@ def test_interrupted_suite_keeps_finished_cells_and_releases_its_locks(tmp_path:
 
     monkeypatch.setattr(benchmark.app.runner, "run_matrix", interrupt_second_unit)
     argv = [
-        "suite", "--preset", "micro", "--defenses", "none,lora.r1", "--scenarios", "III",
+        "suite", "--profile", "micro", "--defenses", "none,lora.r1", "--scenarios", "III",
         "--attack-models", "threshold", "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
         "--quiet",
     ]  # fmt: skip

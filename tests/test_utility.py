@@ -114,7 +114,9 @@ def test_standard_clip_folder_loads_and_hashes(tiny_clip_dir: Path) -> None:
     assert result.details["feature_network"]["weights_sha256"] == expected
     assert result.details["n_generated"] == 12 and result.details["kid_subset_size"] == 6
     assert np.isfinite([result.fid, result.kid_mean, result.kid_std, result.clip_score]).all()
-    assert set(result.metrics()) == {"fid", "kid", "clip_score"}
+    record = result.record()
+    assert (record.target.fid, record.target.clip_score) == (result.fid, result.clip_score) and record.base_model is None
+    assert record.feature_network.weights_sha256 == expected
 
 
 def test_clip_score_matches_formula_with_same_model(tiny_clip_dir: Path) -> None:
@@ -243,11 +245,11 @@ def test_reference_cache_is_rebuilt_when_corrupt(tmp_path: Path) -> None:
 
 def test_config_and_cli_flags(tmp_path: Path) -> None:
     from benchmark.app.cli import _add_run_parser, config_from_args
-    from benchmark.app.config import preset
+    from benchmark.app.config import profile
 
     with pytest.raises(ConfigError, match="KID subset size 50 is larger than the 8"):
-        preset("micro").replace(kid_subset_size=50).validate()
-    preset("micro").replace(kid_subset_size=50, utility_metrics=False).validate()
+        profile("micro").replace(kid_subset_size=50).validate()
+    profile("micro").replace(kid_subset_size=50, utility_metrics=False).validate()
     parser = argparse.ArgumentParser()
     _add_run_parser(parser.add_subparsers(dest="command"))
     config = config_from_args(parser.parse_args(["run", "--no-utility", "--clip-model", str(tmp_path)]))
@@ -258,12 +260,12 @@ def test_config_and_cli_flags(tmp_path: Path) -> None:
 
 def test_micro_record_has_utility(micro_run) -> None:  # type: ignore[no-untyped-def]
     record = micro_run.outcome.record
-    assert record.metrics["fid"].higher_is_better is False
-    assert record.metrics["kid"].higher_is_better is False
-    assert record.metrics["clip_score"].higher_is_better is True
+    directions = {f.name: f.higher_is_better for f in record.figures()}
+    assert directions["utility.fid"] is False and directions["utility.kid_mean"] is False
+    assert directions["utility.clip_score"] is True
     utility = record.utility
-    assert utility["n_generated"] == micro_run.config.utility == utility["n_real"]
-    assert utility["feature_network"]["weights_sha256"] == utility["clip_model"]["weights_sha256"]
+    assert utility.n_generated == micro_run.config.utility == utility.n_real
+    assert utility.feature_network.weights_sha256 == utility.clip_model.weights_sha256
     assert "utility" in record.timings_s
     assert isinstance(ClipBundle, type)
 
@@ -271,14 +273,14 @@ def test_micro_record_has_utility(micro_run) -> None:  # type: ignore[no-untyped
 @pytest.mark.slow
 def test_reference_model_ranks_true_captions_above_shuffled(tmp_path: Path) -> None:
     """The default reference model: retrieval far above chance; shuffled captions score clearly lower."""
-    from benchmark.app.config import preset
+    from benchmark.app.config import profile
     from benchmark.pipeline.data.scenes import ScenesDataset
 
     ds = ScenesDataset(resolution=16, size=2200)
     public = TrainingData.from_arrays(
         np.stack([ds.image(i) for i in range(2000)]), [ds.caption(i) for i in range(2000)], name="public"
     )
-    bundle = reference_clip(public=public, cache_dir=tmp_path, training=preset("default").reference_clip)
+    bundle = reference_clip(public=public, cache_dir=tmp_path, training=profile("default").reference_clip)
     retrieval = bundle.details["retrieval"]
     assert retrieval["top1"] > 10 * retrieval["chance_top1"]
     images = torch.from_numpy(np.stack([ds.image(i) for i in range(2000, 2200)])).permute(0, 3, 1, 2)
@@ -289,9 +291,10 @@ def test_reference_model_ranks_true_captions_above_shuffled(tmp_path: Path) -> N
 
 def test_micro_record_has_the_base_model_as_utility_control(micro_run) -> None:  # type: ignore[no-untyped-def]
     record = micro_run.outcome.record
-    base = record.utility["base_model"]
-    assert set(base) == {"fid", "kid_mean", "kid_std", "clip_score"}
-    assert record.metrics["control_fid_base_model"].value == base["fid"]
-    assert record.metrics["control_clip_score_base_model"].higher_is_better is True
+    base = record.utility.base_model
+    assert base is not None
+    figures = {f.name: f for f in record.figures()}
+    assert figures["utility.base_model.fid"].value == base.fid
+    assert figures["utility.base_model.clip_score"].higher_is_better is True
     # Another model (the base, before fine-tuning) under the same protocol gives other figures.
-    assert base["fid"] != record.utility["fid"]
+    assert base.fid != record.utility.target.fid

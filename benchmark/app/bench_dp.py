@@ -1,6 +1,6 @@
 """DP-SGD step time relative to the same non-private step, on the embedded default model.
 
-    python -m benchmark.app.bench_dp                    # resolution and batch of the default preset
+    python -m benchmark.app.bench_dp                    # resolution and batch of the default profile
     python -m benchmark.app.bench_dp --lora-rank 4      # DP-LoRA against LoRA
     python -m benchmark.app.bench_dp --steps 30 --threads 2
 
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmark.app.config import preset
+from benchmark.app.config import profile
 from benchmark.pipeline.data.base import images_to_tensor
 from benchmark.pipeline.data.scenes import ScenesDataset
 from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, TrainingState, diffusion_loss
@@ -80,10 +80,10 @@ def measure(
 ) -> StepTimes:
     """Time `steps` plain and `steps` private steps, alternately, after `warmup` of each.
 
-    `resolution` and `batch_size` default to the default preset's (the embedded default).
+    `resolution` and `batch_size` default to the default profile's (the embedded default).
     """
 
-    default = preset("default")
+    default = profile("default")
     resolution = resolution if resolution is not None else default.resolution
     batch_size = batch_size if batch_size is not None else default.finetune.batch_size
     previous_threads = torch.get_num_threads()
@@ -148,8 +148,8 @@ def measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.app.bench_dp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resolution", type=int, default=None, help="default: the default preset's")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the default preset's fine-tuning batch")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the default profile's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the default profile's fine-tuning batch")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--lora-rank", type=int, default=None, help="compare DP-LoRA with LoRA at this rank")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import resource
-from typing import Any
 
 import numpy as np
 
@@ -25,7 +24,15 @@ from benchmark.pipeline.data.base import DATASETS
 from benchmark.pipeline.models.registry import MODELS
 from benchmark.pipeline.plots import roc_plot_png
 from benchmark.pipeline.privacy_metrics import BootstrapSpec, PrivacyMetrics, privacy_metrics
-from benchmark.pipeline.records import Metric, ResultRecord, attachment_name, new_run_id, provenance
+from benchmark.pipeline.records import (
+    AttackRecord,
+    ComponentRecord,
+    ResultRecord,
+    TrainingRecord,
+    attachment_name,
+    new_run_id,
+    provenance,
+)
 from defenses import DEFENSES
 
 ROC_SUFFIX = ".roc.png"
@@ -64,7 +71,7 @@ def cell_record(
         curves["base model (control)"] = (target_labels, control_membership)
 
     baseline_privacy = None
-    baseline_details = None
+    baseline_model = None
     if evidence.baseline_shadow_features is not None and target.baseline_features is not None:
         shadow_features, target_features = evidence.baseline_shadow_features, target.baseline_features
         baseline_model = ModelFreeBaseline(attack_config.attack_model).fit(shadow_features, shadow_labels)
@@ -73,49 +80,46 @@ def cell_record(
             target_labels, baseline_membership, baseline_model.predict(target_features), bootstrap=spec
         )
         curves["model-free baseline"] = (target_labels, baseline_membership)
-        baseline_details = baseline_model.describe()
 
     run_id = new_run_id(config.defense, config.seed)
-    components: dict[str, dict[str, Any]] = {
-        "dataset": {
-            **dataset.describe(),
-            "version": str(dataset.describe().get("version", "1")),
-            # Shared by every run with this public seed: named by a digest, not listed in each record.
-            "public_split": {
-                "n": len(splits.public),
-                "sha256": hashlib.sha256("\n".join(dataset.ids[i] for i in splits.public).encode()).hexdigest(),
+    described = dataset.describe()
+    components = {
+        "dataset": ComponentRecord.from_description(
+            {
+                **described,
+                # Shared by every run with this public seed: named by a digest, not listed in each record.
+                "public_split": {
+                    "n": len(splits.public),
+                    "sha256": hashlib.sha256("\n".join(dataset.ids[i] for i in splits.public).encode()).hexdigest(),
+                },
             },
-            "origin": component_origin(DATASETS, config.dataset),
-        },
-        "model": {
-            **base.description,
-            "origin": component_origin(MODELS, config.model),
-            "from_cache": base.from_cache,
-        },
-        "defense": {**defense.describe(), "origin": component_origin(DEFENSES, config.defense)},
-        "attack_model": {
-            **attack_model.describe(),
-            "version": "1",
-            "origin": component_origin(ATTACK_MODELS, attack_config.attack_model),
-        },
-        "encoder": {
-            "version": "1",
-            **encoder.describe(),
-            "origin": component_origin(ENCODERS, config.encoder),
-        },
+            origin=component_origin(DATASETS, config.dataset),
+        ),
+        "model": ComponentRecord.from_description(
+            base.description, origin=component_origin(MODELS, config.model), from_cache=base.from_cache
+        ),
+        "defense": ComponentRecord.from_description(
+            defense.describe(), origin=component_origin(DEFENSES, config.defense)
+        ),
+        "attack_model": ComponentRecord.from_description(
+            attack_model.describe(),
+            version=attack_model.version,
+            origin=component_origin(ATTACK_MODELS, attack_config.attack_model),
+        ),
+        "encoder": ComponentRecord.from_description(
+            encoder.describe(), version=encoder.version, origin=component_origin(ENCODERS, config.encoder)
+        ),
     }
     if captioner is not None:
-        components["captioner"] = {
-            "version": "1",
-            **captioner.describe(),
-            "origin": component_origin(CAPTIONERS, config.captioner),
-        }
-    if baseline_details is not None:
-        components["baseline"] = {
-            "version": "1",
-            "origin": component_origin(ATTACK_MODELS, attack_config.attack_model),
-            **baseline_details,
-        }
+        components["captioner"] = ComponentRecord.from_description(
+            captioner.describe(), version=captioner.version, origin=component_origin(CAPTIONERS, config.captioner)
+        )
+    if baseline_model is not None:
+        components["baseline"] = ComponentRecord.from_description(
+            baseline_model.describe(),
+            version=baseline_model.version,
+            origin=component_origin(ATTACK_MODELS, attack_config.attack_model),
+        )
     scenario = attack_config.scenario
     record = ResultRecord(
         run_id=run_id,
@@ -128,36 +132,35 @@ def cell_record(
             "shadow_members": [dataset.ids[i] for i in shadow.members],
             "shadow_nonmembers": [dataset.ids[i] for i in shadow.nonmembers],
         },
-        training={"target": target.model.report, "shadow": evidence.shadow_model.report},
-        attack={
-            **attack_config.to_dict(),
-            "caption_source": scenario.caption_source.value,
-            "captioner_fine_tuned": config.captioner_finetune if captioner is not None else None,
-            "caption_exact_match": evidence.caption_match,
-            "shadow_mode": config.shadow.value,
-            "shadow_defense": str(shadow_defense.describe().get("name", "?")),
-            "defense_aware_shadow": config.shadow is ShadowMode.AWARE,
-            "queries_spent": target_scores.queries_spent,
-            "images_generated": target_scores.images_generated,
-            "images_per_second": round(target_scores.images_per_second, 3),
-            "model_time_fraction": round(min(1.0, target_scores.model_time_fraction), 4),
-            "query_batch": attack_config.query_batch,
-            "shadow_queries_spent": shadow_scores.queries_spent,
-            "shadow_overlap_with_target_members": shadow.overlap_with_target_members,
-            "query_ids": target_scores.query_ids,
-            "captions": target_scores.captions,
-            "labels": [int(v) for v in target_labels],
-            "scores": target_scores.scores.tolist(),
-            "membership_scores": [float(v) for v in membership],
-            "predictions": [int(v) for v in predictions],
-            "shadow_fit": shadow_privacy.to_dict(),
-            "roc_plot": attachment_name(run_id, ROC_SUFFIX),
-        },
-        privacy=privacy.to_dict(),
-        control=control.to_dict() if control is not None else None,
-        baseline=baseline_privacy.to_dict() if baseline_privacy is not None else None,
-        metrics={**_headline_metrics(privacy, control, baseline_privacy), **(utility.metrics() if utility else {})},
-        utility=utility.details if utility is not None else None,
+        training=TrainingRecord(target=target.model.report, shadow=evidence.shadow_model.report),
+        attack=AttackRecord(
+            **attack_config.to_dict(),  # type: ignore[arg-type]
+            caption_source=scenario.caption_source.value,
+            captioner_fine_tuned=config.captioner_finetune if captioner is not None else None,
+            caption_exact_match=evidence.caption_match,
+            shadow_mode=config.shadow.value,
+            shadow_defense=str(shadow_defense.describe().get("name", "?")),
+            defense_aware_shadow=config.shadow is ShadowMode.AWARE,
+            queries_spent=target_scores.queries_spent,
+            images_generated=target_scores.images_generated,
+            images_per_second=round(target_scores.images_per_second, 3),
+            model_time_fraction=round(min(1.0, target_scores.model_time_fraction), 4),
+            query_batch=attack_config.query_batch,
+            shadow_queries_spent=shadow_scores.queries_spent,
+            shadow_overlap_with_target_members=shadow.overlap_with_target_members,
+            query_ids=list(target_scores.query_ids),
+            captions=list(target_scores.captions),
+            labels=[int(v) for v in target_labels],
+            scores=target_scores.scores.tolist(),
+            membership_scores=[float(v) for v in membership],
+            predictions=[int(v) for v in predictions],
+            shadow_fit=shadow_privacy,
+            roc_plot=attachment_name(run_id, ROC_SUFFIX),
+        ),
+        privacy=privacy,
+        control=control,
+        baseline=baseline_privacy,
+        utility=utility.record() if utility is not None else None,
         timings_s=evidence.timings,
         peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         notes=_notes(privacy, config),
@@ -172,39 +175,6 @@ def cell_record(
     return record, plot
 
 
-def _headline_metrics(
-    privacy: PrivacyMetrics, control: PrivacyMetrics | None, baseline: PrivacyMetrics | None
-) -> dict[str, Metric]:
-    tpr1, tpr01 = privacy.tpr(0.01), privacy.tpr(0.001)
-    metrics = {
-        "attack_auc": Metric(privacy.auc, False, "ROC AUC of the attack on the target (0.5 = chance)", privacy.auc_ci),
-        "attack_tpr_at_1pct_fpr": Metric(
-            tpr1.tpr, False, f"TPR at FPR <= 1% ({tpr1.n_nonmembers} non-members)", tpr1.ci
-        ),
-        "attack_tpr_at_0.1pct_fpr": Metric(
-            tpr01.tpr, False, f"TPR at FPR <= 0.1% ({tpr01.n_nonmembers} non-members)", tpr01.ci
-        ),
-        "attack_balanced_accuracy": Metric(
-            privacy.balanced_accuracy,
-            False,
-            "the paper's ASR, decision rule fitted on the shadow",
-            privacy.balanced_accuracy_ci,
-        ),
-    }
-    if control is not None:
-        metrics["control_auc_base_model"] = Metric(
-            control.auc, False, "same attack on the base model before fine-tuning; should be near 0.5", control.auc_ci
-        )
-    if baseline is not None:
-        metrics["baseline_auc_model_free"] = Metric(
-            baseline.auc,
-            False,
-            "same attack model on query-image features alone, no model queries; should be near 0.5",
-            baseline.auc_ci,
-        )
-    return metrics
-
-
 def _notes(privacy: PrivacyMetrics, config: RunConfig) -> list[str]:
     notes = []
     if config.query_access is QueryAccess.IMAGE_TO_IMAGE:
@@ -216,6 +186,6 @@ def _notes(privacy: PrivacyMetrics, config: RunConfig) -> list[str]:
         if not entry.supported:
             notes.append(
                 f"TPR at FPR {entry.target_fpr:g} is not supported by {entry.n_nonmembers} non-members "
-                f"(needs >= {int(np.ceil(1 / entry.target_fpr))}); use --preset full"
+                f"(needs >= {int(np.ceil(1 / entry.target_fpr))}); use --profile full"
             )
     return notes

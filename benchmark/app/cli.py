@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import logging
 import sys
@@ -19,22 +18,26 @@ from attacks.attack_models import ATTACK_MODELS
 from attacks.captioners import CAPTIONERS
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS
-from attacks.scenarios import QueryAccess, Scenario, ShadowMode
-from benchmark.app.config import PRESETS, preset
+from attacks.scenarios import Scenario
+from benchmark.app.config import PROFILES, RunConfig, profile
+from benchmark.app.flags import add_config_flags, apply, given
+from benchmark.app.migrate import migrate
 from benchmark.app.reproduce import Tolerance, reproduce
 from benchmark.app.runner import run_matrix
 from benchmark.app.suite import SuiteSpec, run_suite
+from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import BenchmarkError, ConfigError
 from benchmark.kernel.plugins import component_origin
 from benchmark.pipeline.data import DATASETS
 from benchmark.pipeline.finetune import TrainConfig
 from benchmark.pipeline.models.registry import MODELS
+from benchmark.pipeline.records import SCHEMA_VERSION
 from benchmark.pipeline.target import SamplingConfig
 from defenses import DEFENSES, presets
 
 RUN_EXAMPLES = """examples:
   python -m benchmark run --defense none
-  python -m benchmark run --defense none --preset full --seed 1
+  python -m benchmark run --defense none --profile full --seed 1
   python -m benchmark run --defense dpsgd.eps8
   python -m benchmark run --defense dpsgd+lora.r4 --defense-arg target_epsilon=4
   python -m benchmark run --model sd15 --model-path ~/models/sd-v1-5 --resolution 512 \\
@@ -47,70 +50,38 @@ RUN_EXAMPLES = """examples:
 """
 
 
+CONFIG_DEFAULTS_NOTE = (
+    "Every setting of the run is a flag; defaults shown are the default profile's (--profile micro or full "
+    "changes many). Nested settings are named by their path in the record's config, e.g. --finetune.epochs."
+)
+
+
+# The run's configuration is every field of RunConfig, one flag each (benchmark.app.flags).
+# Fields listed here are set another way by the subcommand, by the hand-written flags below.
+RUN_SETS_OTHERWISE = ("scenario", "attack_model")  # --scenario / --attack-model: one, a list, or all
+SUITE_SETS_OTHERWISE = ("defense", "seed", "scenario", "attack_model")  # the grid: --defenses, --seeds, ...
+
+
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "run",
         help="fine-tune a target under a defense, attack it, record one result",
         epilog=RUN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CONFIG_DEFAULTS_NOTE,
     )
-    p.add_argument("--preset", default="default", help="default | full (1,000 non-members) | micro (smoke test)")
-    p.add_argument("--defense", help="defense, preset or composition, e.g. none, dpsgd.eps8, dpsgd+lora (see `list`)")
-    p.add_argument(
-        "--defense-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a defense setting (repeatable), e.g. target_epsilon=4 or lora.rank=8",
+    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=RUN_SETS_OTHERWISE))
+    # Not part of the run's configuration: how many cells to run, and how to show them.
+    other = p.add_argument_group("cells and output (not part of the run's configuration)")
+    other.add_argument(
+        "--scenario", help="attacker scenario I, II, III or IV; 'all' or a list (I,III) runs several (default: III)"
     )
-    p.add_argument("--dataset", help="dataset registry name: scenes (embedded) or folder")
-    p.add_argument("--dataset-path", type=Path, help="folder with metadata.jsonl for --dataset folder")
-    p.add_argument("--dataset-size", type=int, help="use only the first N images of the pool")
-    p.add_argument("--resolution", type=int, help="image side in pixels")
-    p.add_argument("--model", help="tiny (embedded default) or sd15 (local diffusers folder)")
-    p.add_argument("--model-path", type=Path, help="local diffusers folder for --model sd15")
-    p.add_argument("--scenario", help="attacker scenario I, II, III or IV; 'all' or a list (I,III) runs several")
-    p.add_argument("--attack-model", help="threshold, distribution or classifier; 'all' or a list runs several")
-    p.add_argument("--encoder", help="image encoder: pixels, cnn (trained on the public split) or hf")
-    p.add_argument("--encoder-path", type=Path, help="local transformers vision folder for --encoder hf (DeiT, ...)")
-    p.add_argument("--captioner", help="captioner for scenarios II/IV: tiny (embedded) or blip")
-    p.add_argument("--captioner-path", type=Path, help="local BLIP / BLIP-2 folder for --captioner blip")
-    p.add_argument(
-        "--no-captioner-finetune",
-        action="store_true",
-        help="use the captioner without fine-tuning it on the auxiliary data (the paper's ablation)",
+    other.add_argument(
+        "--attack-model",
+        help="threshold, distribution or classifier; 'all' or a list runs several (default: threshold)",
     )
-    p.add_argument("--query-access", help="text (the paper's attack, default) or img2img (recorded separately)")
-    p.add_argument("--strength", type=float, help="img2img noise strength in (0, 1] (default 0.5)")
-    p.add_argument("--shadow", help="aware (default: the shadow uses the target's defense) or naive")
-    p.add_argument(
-        "--public",
-        type=int,
-        help="public split size (pretrains the tiny model, the cnn encoder and the tiny captioner)",
-    )
-    p.add_argument("--shadow-members", type=int, help="shadow model members (default: --members)")
-    p.add_argument("--shadow-nonmembers", type=int, help="shadow non-members held out by the attacker")
-    p.add_argument("--query-batch", type=int, help="queries per model call (x generations images per batch)")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for 95%% intervals (0: none)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the model-free baseline")
-    p.add_argument("--distance", help="similarity: cosine, l1, l2, hamming")
-    p.add_argument("--members", type=int, help="target members (fine-tuning set size)")
-    p.add_argument("--nonmembers", type=int, help="target non-members queried by the attack")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (target and shadow)")
-    p.add_argument("--learning-rate", type=float, help="fine-tuning learning rate")
-    p.add_argument("--generations", type=int, help="images generated per query (paper: 3)")
-    p.add_argument("--inference-steps", type=int, help="DDIM steps per generation")
-    p.add_argument("--seed", type=int, help="run seed (splits of the private pool, training, sampling)")
-    p.add_argument("--no-control", action="store_true", help="skip attacking the base model")
-    p.add_argument("--no-utility", action="store_true", help="skip FID, KID and CLIP score of the target")
-    p.add_argument("--clip-model", type=Path, help="local CLIP folder for CLIP score (default: the reference model)")
-    p.add_argument("--fid-weights", type=Path, help="Inception weights file for FID/KID (needs torch-fidelity)")
-    p.add_argument("--kid-subset-size", type=int, help="KID subset size (<= --utility samples; default 50)")
-    p.add_argument("--utility", type=int, help="utility-eval captions/images (one generation each)")
-    p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
-    p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_threads_argument(p)
+    other.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(other)
 
 
 SUITE_EXAMPLES = """examples:
@@ -128,20 +99,21 @@ def _add_suite_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="run every defense preset x scenario x attack model x seed (resumable)",
         epilog=SUITE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CONFIG_DEFAULTS_NOTE,
     )
-    p.add_argument("--preset", default="default", help="default | full | micro")
-    p.add_argument("--defenses", default="all", help="'all' (none + every registered preset) or a comma list")
-    p.add_argument("--scenarios", default="all", help="'all' or a comma list of I, II, III, IV")
-    p.add_argument("--attack-models", default="all", help="'all' or a comma list of threshold, distribution, ...")
-    p.add_argument("--seeds", default="0", help="comma list of run seeds")
-    p.add_argument("--results-dir", type=Path, help="where result records go (default: results/)")
-    p.add_argument("--cache-dir", type=Path, help="cache for base and fine-tuned models (env BENCHMARK_CACHE_DIR)")
-    p.add_argument("--summary", type=Path, help="also write the suite's summary (cells, stage times) as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_threads_argument(p)
+    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=SUITE_SETS_OTHERWISE))
+    # Not part of the run's configuration: the grid's axes, and how to report.
+    grid = p.add_argument_group("the grid and output (not part of the run's configuration)")
+    grid.add_argument("--defenses", default="all", help="'all' (none + every registered preset) or a comma list")
+    grid.add_argument("--scenarios", default="all", help="'all' or a comma list of I, II, III, IV")
+    grid.add_argument("--attack-models", default="all", help="'all' or a comma list of threshold, distribution, ...")
+    grid.add_argument("--seeds", default="0", help="comma list of run seeds")
+    grid.add_argument("--summary", type=Path, help="also write the suite's summary (cells, stage times) as JSON here")
+    grid.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_argument(grid)
 
 
-def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+def _add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--threads",
         type=int,
@@ -162,9 +134,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
-    config = preset(args.preset)
-    changes = {k: v for k, v in {"results_dir": args.results_dir, "cache_dir": args.cache_dir}.items() if v}
-    config = config.replace(**changes)
+    config = config_from_args(args)
     names = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if names == ["all"]:
         names = ["none", *presets()]
@@ -295,80 +265,30 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
     return 1 if failed else 0
 
 
-def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The profile named by --profile with every other configuration flag given applied.
 
-    config = preset(args.preset)
-    simple = {
-        "defense": args.defense,
-        "dataset": args.dataset,
-        "dataset_path": args.dataset_path,
-        "dataset_size": args.dataset_size,
-        "resolution": args.resolution,
-        "model": args.model,
-        "model_path": args.model_path,
-        "encoder": args.encoder,
-        "encoder_path": args.encoder_path,
-        "distance": args.distance,
-        "captioner": args.captioner,
-        "captioner_path": args.captioner_path,
-        "img2img_strength": args.strength,
-        "members": args.members,
-        "nonmembers": args.nonmembers,
-        "public": args.public,
-        "shadow_members": args.shadow_members,
-        "shadow_nonmembers": args.shadow_nonmembers,
-        "query_batch": args.query_batch,
-        "bootstrap_resamples": args.bootstrap,
-        "generations_per_query": args.generations,
-        "seed": args.seed,
-        "results_dir": args.results_dir,
-        "cache_dir": args.cache_dir,
-        "clip_model": args.clip_model,
-        "fid_weights": args.fid_weights,
-        "kid_subset_size": args.kid_subset_size,
-        "utility": args.utility,
-    }
-    changes = {k: v for k, v in simple.items() if v is not None}
-    scenarios, attack_models = cells_from_args(args)
-    if scenarios:
-        changes["scenario"] = scenarios[0]
-    if attack_models:
-        changes["attack_model"] = attack_models[0]
-    try:
-        if args.query_access is not None:
-            changes["query_access"] = QueryAccess.parse(args.query_access)
-        if args.shadow is not None:
-            changes["shadow"] = ShadowMode.parse(args.shadow)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if args.no_control:
-        changes["control"] = False
-    if args.no_captioner_finetune:
-        changes["captioner_finetune"] = False
-    if args.no_baseline:
-        changes["baseline"] = False
-    if args.no_utility:
-        changes["utility_metrics"] = False
-    if args.defense_arg:
-        changes["defense_args"] = tuple(_key_value(item) for item in args.defense_arg)
-    ft: dict[str, object] = {}
-    if args.epochs is not None:
-        ft["epochs"] = args.epochs
-    if args.learning_rate is not None:
-        ft["learning_rate"] = args.learning_rate
-    if ft:
-        changes["finetune"] = dataclasses.replace(config.finetune, **ft)  # type: ignore[arg-type]
-    if args.inference_steps is not None:
-        changes["sampling"] = dataclasses.replace(config.sampling, num_inference_steps=args.inference_steps)
-    if "members" in changes and args.preset != "micro":
-        changes.setdefault("shadow_members", changes["members"])
-    return config.replace(**changes)
+    Raises:
+        ConfigError: an unknown profile or a value of the wrong type (validation comes later).
+    """
+    settings = given(args, args.config_flags)
+    config = profile(settings.pop("profile", "default"))
+    if "members" in settings and config.profile != "micro":
+        # Target and shadow train on equally many members unless told otherwise.
+        settings.setdefault("shadow_members", settings["members"])
+    if hasattr(args, "scenario"):  # run's --scenario / --attack-model: the first cell (suite's grid sets its own)
+        scenarios, attack_models = cells_from_args(args)
+        if scenarios:
+            settings["scenario"] = scenarios[0]
+        if attack_models:
+            settings["attack_model"] = attack_models[0]
+    return apply(config, settings)
 
 
 def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tuple[str, ...]]:
     """Scenarios and attack models named by --scenario / --attack-model ('all', one, or a comma list).
 
-    Empty tuples mean "the preset's".
+    Empty tuples mean "the configuration's".
     """
 
     scenarios: tuple[Scenario, ...] = ()
@@ -378,7 +298,7 @@ def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tup
             scenarios = tuple(Scenario)
         else:
             try:
-                scenarios = tuple(Scenario.parse(part) for part in args.scenario.split(",") if part.strip())
+                scenarios = tuple(convert(part, Scenario) for part in args.scenario.split(",") if part.strip())
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
     if args.attack_model is not None:
@@ -387,13 +307,6 @@ def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tup
         else:
             attack_models = tuple(part.strip() for part in args.attack_model.split(",") if part.strip())
     return scenarios, attack_models
-
-
-def _key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--defense-arg {item!r} is not KEY=VALUE (e.g. --defense-arg target_epsilon=4)")
-    return key.strip(), value
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -415,11 +328,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"{record.dataset} / scenario {record.scenario} / defense {record.defense}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, metric in record.metrics.items():
-        arrow = "↑" if metric.higher_is_better else "↓"
-        value = "n/a" if metric.value is None else f"{metric.value:.3f}"
-        table.add_row(f"{name} {arrow}", value)
-    table.add_row("non-members (TPR@FPR support)", str(record.privacy["n_nonmembers"]))
+    for figure in record.figures():
+        arrow = "↑" if figure.higher_is_better else "↓"
+        table.add_row(f"{figure.name} {arrow}", _fmt(figure.value))
+    table.add_row("non-members (TPR@FPR support)", str(record.privacy.n_nonmembers))
     for stage, seconds in record.timings_s.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     console.print(table)
@@ -429,9 +341,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _fmt(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
-    metric = metrics.get(name)
-    return "n/a" if metric is None or metric.value is None else f"{metric.value:.3f}"
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _print_matrix(outcomes: list, console: Console) -> None:  # type: ignore[type-arg]
@@ -440,17 +351,18 @@ def _print_matrix(outcomes: list, console: Console) -> None:  # type: ignore[typ
     for column in ("scenario", "attack model", "AUC [95% CI]", "TPR@1%FPR", "bal. acc.", "control AUC", "baseline AUC"):
         table.add_column(column, justify="left" if column in ("scenario", "attack model") else "right")
     for outcome in outcomes:
-        record, metrics = outcome.record, outcome.record.metrics
-        auc = metrics["attack_auc"]
-        ci = f" [{auc.ci[0]:.2f}, {auc.ci[1]:.2f}]" if auc.ci else ""
+        record = outcome.record
+        privacy, control, baseline = record.privacy, record.control, record.baseline
+        ci = f" [{privacy.auc_ci[0]:.2f}, {privacy.auc_ci[1]:.2f}]" if privacy.auc_ci else ""
+        tpr1 = next((t.tpr for t in privacy.tpr_at_fpr if t.target_fpr == 0.01), None)
         table.add_row(
             record.scenario,
-            str(record.attack["attack_model"]),
-            f"{_fmt(metrics, 'attack_auc')}{ci}",
-            _fmt(metrics, "attack_tpr_at_1pct_fpr"),
-            _fmt(metrics, "attack_balanced_accuracy"),
-            _fmt(metrics, "control_auc_base_model"),
-            _fmt(metrics, "baseline_auc_model_free"),
+            record.attack.attack_model,
+            f"{_fmt(privacy.auc)}{ci}",
+            _fmt(tpr1),
+            _fmt(privacy.balanced_accuracy),
+            _fmt(control.auc if control is not None else None),
+            _fmt(baseline.auc if baseline is not None else None),
         )
     console.print(table)
     for outcome in outcomes:
@@ -475,20 +387,20 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     console.print("[bold]defense presets[/] (name.tag; compose with '+', e.g. dpsgd.eps8+lora.r4)")
     for name, entry in presets().items():
         console.print(f"  {name:<16} {escape(entry.summary())}")
-    plugins = [(n, component_origin(DEFENSES, n)) for n in DEFENSES.names()]
-    plugins = [(n, origin) for n, origin in plugins if not origin.startswith("diffusion-mia-bench==")]
+    plugins = [(t, n, component_origin(r, n)) for t, r in kinds.items() for n in r.names()]
+    plugins = [(t, n, origin) for t, n, origin in plugins if not origin.startswith("diffusion-mia-bench==")]
     if plugins:
-        console.print("[bold]defense plugins[/]")
-        for name, origin in plugins:
-            console.print(f"  {name:<16} from {escape(origin)}")
+        console.print("[bold]plugins[/]")
+        for title, name, origin in plugins:
+            console.print(f"  {title:<14} {name:<16} from {escape(origin)}")
     console.print("[bold]scenarios[/]")
     for scenario in Scenario:
         console.print(
             f"  {scenario.value:<12} captions: {scenario.caption_source.value}, "
             f"shadow members from target: {scenario.auxiliary_member_overlap:.0%}"
         )
-    console.print("[bold]presets[/]")
-    for name, cfg in PRESETS.items():
+    console.print("[bold]profiles[/] (run sizes: --profile NAME)")
+    for name, cfg in PROFILES.items():
         console.print(f"  {name:<12} {cfg.members} members, {cfg.nonmembers} non-members, {cfg.finetune.epochs} epochs")
     return 0
 
@@ -507,7 +419,8 @@ def _quiet_library_chatter() -> None:
     warnings.filterwarnings("ignore", message=".*`max_length` is ignored when `padding`.*")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (tests read its flags)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Membership-inference privacy benchmark for fine-tuned text-to-image diffusion models.",
@@ -516,12 +429,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_run_parser(sub)
     _add_suite_parser(sub)
     _add_reproduce_parser(sub)
-    sub.add_parser("list", help="list datasets, models, defenses, attack models, encoders, scenarios, presets")
-    args = parser.parse_args(argv)
+    sub.add_parser(
+        "list", help="list datasets, models, defenses and their presets, attack models, encoders, scenarios, profiles"
+    )
+    p = sub.add_parser(
+        "migrate",
+        help=f"upgrade result records in place to schema version {SCHEMA_VERSION}",
+        epilog="example:\n  python -m benchmark migrate leaderboard/reference/results",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="folder of result records (searched recursively)")
+    return parser
+
+
+def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
+    report = migrate(args.folder)
+    console.print(
+        f"{len(report.upgraded)} record(s) upgraded to schema {SCHEMA_VERSION}, {len(report.current)} already current"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_library_chatter()
-    handlers = {"run": cmd_run, "suite": cmd_suite, "reproduce": cmd_reproduce, "list": cmd_list}
+    handlers = {
+        "run": cmd_run,
+        "suite": cmd_suite,
+        "reproduce": cmd_reproduce,
+        "list": cmd_list,
+        "migrate": cmd_migrate,
+    }
     try:
         _set_threads(args)
         return handlers[args.command](args, console)
@@ -537,6 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # TrainConfig and SamplingConfig are part of this module's public surface for tests.
-__all__ = ["main", "config_from_args", "TrainConfig", "SamplingConfig"]
+__all__ = ["main", "build_parser", "config_from_args", "TrainConfig", "SamplingConfig"]
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from attacks.attack_models import ATTACK_MODELS
-from attacks.captioners import CAPTIONERS, CaptionerRequest, CaptionerTraining, check_captioner_request
-from attacks.captioners import needs_public_data as captioner_needs_public
+from attacks.captioners import CAPTIONERS, CaptionerRequest, CaptionerTraining
 from attacks.distances import DISTANCES
-from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining, check_encoder_request
-from attacks.encoders import needs_public_data as encoder_needs_public
+from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import default_cache_dir
 from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import ConfigError
 from benchmark.kernel.registry import RegistryError
-from benchmark.pipeline.data.base import DATASETS
+from benchmark.pipeline.data.base import DATASETS, DatasetSpec
 from benchmark.pipeline.finetune import TrainConfig
-from benchmark.pipeline.models.registry import MODELS
+from benchmark.pipeline.models.registry import MODELS, ModelSettings
 from benchmark.pipeline.reference_networks import ReferenceClipTraining
 from benchmark.pipeline.target import SamplingConfig
 from benchmark.pipeline.utility_metrics import UtilitySettings, check_settings
@@ -92,7 +90,7 @@ class RunConfig:
         default=32, metadata={"help": "target members (fine-tuning set size); sets --shadow-members too"}
     )
     nonmembers: int = field(default=64, metadata={"help": "target non-members queried by the attack"})
-    shadow_members: int = field(default=32, metadata={"help": "shadow model members (default: --members)"})
+    shadow_members: int = field(default=32, metadata={"help": "shadow model members (follows --members unless given)"})
     shadow_nonmembers: int = field(default=64, metadata={"help": "shadow non-members held out by the attacker"})
     utility: int = field(default=100, metadata={"help": "utility-eval captions/images (one generation each)"})
     generations_per_query: int = field(
@@ -163,8 +161,13 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check names and numbers before any training starts.
 
+        Each component checks its own settings through its registry's `check` hook
+        (a folder it needs, the public split it trains on), so plugins are checked
+        the same way as built-ins.
+
         Raises:
-            ConfigError: naming the bad value and the fix.
+            ConfigError: naming the bad value and the fix (or a component's own
+                BenchmarkError, e.g. DatasetError or ModelError, naming the flag to pass).
         """
         for registry, value in (
             (DATASETS, self.dataset),
@@ -200,12 +203,11 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.finetune.learning_rate <= 0:
             raise ConfigError(f"finetune.learning_rate must be > 0, got {self.finetune.learning_rate}")
-        if self.dataset == "folder" and self.dataset_path is None:
-            raise ConfigError("--dataset folder needs --dataset-path DIR (a folder with metadata.jsonl)")
-        if self.model == "sd15" and self.model_path is None:
-            raise ConfigError("--model sd15 needs --model-path DIR, a local diffusers folder; nothing is downloaded")
-        if self.model == "tiny" and self.public < 1:
-            raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
+        DATASETS.check(
+            self.dataset,
+            DatasetSpec(self.dataset, resolution=self.resolution, path=self.dataset_path, size=self.dataset_size),
+        )
+        MODELS.check(self.model, ModelSettings(path=self.model_path, resolution=self.resolution, public=self.public))
         self.validate_attack()
         if self.utility_metrics:
             check_settings(self.utility_settings, samples=self.utility)
@@ -237,9 +239,9 @@ class RunConfig:
         if self.public_split_size > 0:
             public = TrainingData({"placeholder": "public split"}, _no_data_before_the_run)
         try:
-            check_encoder_request(self.encoder, EncoderRequest(path=self.encoder_path, public=public))
+            ENCODERS.check(self.encoder, EncoderRequest(path=self.encoder_path, public=public))
             if self.scenario.caption_source is CaptionSource.CAPTIONER:
-                check_captioner_request(
+                CAPTIONERS.check(
                     self.captioner,
                     CaptionerRequest(path=self.captioner_path, public=public, fine_tune=self.captioner_finetune),
                 )
@@ -248,12 +250,16 @@ class RunConfig:
 
     @property
     def public_split_size(self) -> int:
-        """The public split is drawn for the tiny model and for attack components trained on it.
+        """The public split is drawn for components trained on it (`needs_public_data`: the tiny
+        model, the cnn encoder, the tiny captioner).
 
         It does not depend on the scenario: runs of different scenarios must attack
         the same target members.
         """
-        needed = self.model == "tiny" or encoder_needs_public(self.encoder) or captioner_needs_public(self.captioner)
+        needed = any(
+            registry.capability(name, "needs_public_data")
+            for registry, name in ((MODELS, self.model), (ENCODERS, self.encoder), (CAPTIONERS, self.captioner))
+        )
         # The reference CLIP model of the utility metrics is trained on it too.
         needed = needed or (self.utility_metrics and self.clip_model is None)
         return self.public if needed else 0

@@ -12,14 +12,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from benchmark.app.config import RunConfig
 from benchmark.app.runner import run
 from benchmark.kernel.errors import BenchmarkError
-from benchmark.pipeline.records import find_epsilon, load_record
+from benchmark.pipeline.records import ResultRecord, read_record
 
 
 @dataclass(frozen=True)
@@ -77,16 +76,16 @@ class ReproductionError(BenchmarkError):
 COMPARED = ("attack_auc", "attack_balanced_accuracy", "fid", "clip_score", "epsilon")
 
 
-def figures(record: dict[str, Any]) -> dict[str, float | None]:
-    """The compared figures of a record (epsilon from the target's defense report, where there is one)."""
-    metrics = record.get("metrics") or {}
-    out: dict[str, float | None] = {}
-    for name in COMPARED[:-1]:
-        value = (metrics.get(name) or {}).get("value")
-        out[name] = None if value is None else float(value)
-    details = ((record.get("training") or {}).get("target") or {}).get("defense_details")
-    out["epsilon"] = find_epsilon(details)
-    return out
+def figures(record: ResultRecord) -> dict[str, float | None]:
+    """The compared figures of a record, each read from its home (epsilon from the target's defense report)."""
+    utility = record.utility.target if record.utility is not None else None
+    return {
+        "attack_auc": record.privacy.auc,
+        "attack_balanced_accuracy": record.privacy.balanced_accuracy,
+        "fid": utility.fid if utility is not None else None,
+        "clip_score": utility.clip_score if utility is not None else None,
+        "epsilon": record.training.epsilon,
+    }
 
 
 def reproduce(
@@ -111,9 +110,9 @@ def reproduce(
         ReproductionError: its configuration cannot be run here.
     """
 
-    stored = load_record(path)
+    stored = read_record(path)
     try:
-        config = RunConfig.from_dict(stored["config"])
+        config = RunConfig.from_dict(stored.config)
     except BenchmarkError as exc:
         raise ReproductionError(f"{path}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
@@ -122,14 +121,14 @@ def reproduce(
         try:
             config.validate()
         except BenchmarkError as exc:
-            origin = stored["components"]["defense"].get("origin", "?")
+            origin = stored.components["defense"].origin
             raise ReproductionError(
                 f"{path}: cannot run its configuration here ({exc}); install the components it names "
                 f"(defense from {origin})"
             ) from None
         outcome = run(config, console=console, show_progress=show_progress)
-        fresh = outcome.record.to_dict()
-    same_data = all(stored["splits"].get(k) == fresh["splits"].get(k) for k in ("members", "nonmembers"))
+        fresh = outcome.record
+    same_data = all(stored.splits.get(k) == fresh.splits.get(k) for k in ("members", "nonmembers"))
     before, after = figures(stored), figures(fresh)
     comparisons = [
         Comparison(

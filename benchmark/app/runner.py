@@ -18,6 +18,7 @@ from attacks.scenarios import Scenario
 from benchmark.app import stages
 from benchmark.app.cell import ROC_SUFFIX, cell_record
 from benchmark.app.config import RunConfig
+from benchmark.kernel.cache import rebuild_log
 from benchmark.kernel.progress import StageTimer
 from benchmark.pipeline.records import ResultRecord, check_writable, write_attachment, write_record
 
@@ -64,7 +65,7 @@ def run_matrix(
     check_writable(config.results_dir)
     torch.manual_seed(config.seed)
     outcomes: list[RunOutcome] = []
-    with StageTimer(console, show=show_progress) as timer:
+    with StageTimer(console, show=show_progress) as timer, rebuild_log() as rebuilt:
         # Everything that can fail on bad input happens first, before any training.
         public_size = max(c.public_split_size for c in cells.values())
         data = stages.load_data(config, scenarios, public_size=public_size, timer=timer)
@@ -75,6 +76,9 @@ def run_matrix(
         for scenario in scenarios:
             evidence = stages.attack_scenario(ctx, target, scenario, attack_model=attack_models[0])
             records = [cell_record(ctx, target, evidence, cells[(scenario, name)]) for name in attack_models]
+            for record, _ in records:
+                # A cache entry that failed its content check was rebuilt: the record says so.
+                record.notes.extend(rebuilt)
             outcomes += _write(records, config.results_dir)
     return outcomes
 

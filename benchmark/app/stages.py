@@ -181,7 +181,12 @@ def fine_tune(ctx: RunContext, name: str, defense: Defense, indices: tuple[int, 
     recipe = defense.recipe(train_config)
     steps = recipe.epochs * -(-len(indices) // recipe.batch_size)
     inputs = {
-        "base": str(base.model_dir),
+        # A cached base by its place in the cache (content-addressed, so the cache may move); a user folder by its path.
+        "base": (
+            str(base.model_dir)
+            if cached_base_identity(config, base) is None
+            else base.model_dir.resolve().relative_to(config.cache_path.resolve()).as_posix()
+        ),
         "base_description": base.description,
         "dataset": dataset.describe(),
         "ids": [dataset.ids[i] for i in indices],

@@ -25,10 +25,10 @@ from rich.console import Console
 
 from attacks.scenarios import Scenario
 from benchmark.app import runner
-from benchmark.app.config import RunConfig
+from benchmark.app.config import RunConfig, upgrade_config_dict
 from benchmark.kernel.cache import cache_key
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.records import RecordError, check_writable, load_record
+from benchmark.pipeline.records import RecordError, check_writable, read_record
 
 LOCK_DIR = ".locks"
 # Where a record's configuration may differ from the cell's without making it another cell.
@@ -82,8 +82,12 @@ class SuiteReport:
 
 
 def cell_key(config: RunConfig | dict[str, Any]) -> str:
-    """Identity of a cell: its whole configuration except where results and caches live."""
-    data = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    """Identity of a cell: its whole configuration except where results and caches live.
+
+    A stored configuration is read under today's setting names, so a record written
+    before a rename (`preset` -> `profile`) still marks its cell as done.
+    """
+    data = config.to_dict() if isinstance(config, RunConfig) else upgrade_config_dict(config)
     for name in _NOT_PART_OF_A_CELL:
         data.pop(name, None)
     # JSON round trip: tuples and lists, paths and strings compare equal, as they do in a record.
@@ -107,8 +111,8 @@ def finished_cells(results_dir: Path) -> set[str]:
         memo = (str(path), stat.st_size, stat.st_mtime_ns)
         if memo not in _VALIDATED:
             try:
-                _VALIDATED[memo] = cell_key(load_record(path)["config"])
-            except RecordError:
+                _VALIDATED[memo] = cell_key(read_record(path).config)
+            except (RecordError, ConfigError):
                 _VALIDATED[memo] = None
         key = _VALIDATED[memo]
         if key is not None:

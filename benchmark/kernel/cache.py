@@ -2,7 +2,11 @@
 
 An entry is a folder named by the hash of everything that produced it. It is
 built in a temporary folder and renamed into place, so an interrupted build
-leaves nothing behind; an entry that fails to load is rebuilt, never trusted.
+leaves nothing behind. Its marker file lists the sha256 of every file it holds;
+an entry whose files differ from that list (a flipped byte in a weights file,
+reordered rows in a score array) or that fails to load is rebuilt with a
+warning, never trusted, and the rebuild is reported to whoever listens
+(`rebuild_log`), so a run can say so in its record.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +30,66 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CACHE_ENV = "BENCHMARK_CACHE_DIR"
 COMPLETE_MARKER = "cache-entry.json"
+_READ_CHUNK = 1 << 20
+
+
+class CacheIntegrityWarning(UserWarning):
+    """A cache entry did not hold what was written into it, and was rebuilt."""
+
+
+_REBUILDS: ContextVar[list[str] | None] = ContextVar("cache_rebuilds", default=None)
+
+
+@contextmanager
+def rebuild_log() -> Iterator[list[str]]:
+    """Collect a message for every cache entry rebuilt inside the block because it failed its check."""
+    rebuilt: list[str] = []
+    token = _REBUILDS.set(rebuilt)
+    try:
+        yield rebuilt
+    finally:
+        _REBUILDS.reset(token)
+
+
+def _report_rebuild(message: str) -> None:
+    log.warning(message)
+    warnings.warn(message, CacheIntegrityWarning, stacklevel=3)
+    listening = _REBUILDS.get()
+    if listening is not None:
+        listening.append(message)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_manifest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every regular file under `folder`, the marker excepted."""
+    return {
+        path.relative_to(folder).as_posix(): file_sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.is_symlink() and path.name != COMPLETE_MARKER
+    }
+
+
+def check_entry(entry: Path) -> str | None:
+    """Why `entry` cannot be trusted, or None when its files are exactly those its marker lists."""
+    try:
+        expected = json.loads((entry / COMPLETE_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"its marker is unreadable ({exc})"
+    if not isinstance(expected, dict):
+        return "it has no content manifest (written by an older version)"
+    actual = content_manifest(entry)
+    if actual == expected:
+        return None
+    changed = sorted(set(actual) ^ set(expected) | {k for k in set(actual) & set(expected) if actual[k] != expected[k]})
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"{len(changed)} file(s) differ from what was written: {shown}"
 
 
 def default_cache_dir() -> Path:
@@ -52,18 +119,22 @@ def cached(
     key = cache_key(inputs)
     entry = cache_dir / kind / key
     if (entry / COMPLETE_MARKER).is_file():
-        try:
-            return load(entry), True, entry
-        except Exception as exc:  # any failure to load means the entry cannot be trusted
-            log.warning("cache entry %s is unreadable (%s); rebuilding it", entry, exc)
-            shutil.rmtree(entry, ignore_errors=True)
+        problem = check_entry(entry)
+        if problem is None:
+            try:
+                return load(entry), True, entry
+            except Exception as exc:  # any failure to load means the entry cannot be trusted
+                problem = f"it failed to load ({type(exc).__name__}: {exc})"
+        _report_rebuild(f"cache entry {kind}/{key} was rebuilt: {problem}")
+        shutil.rmtree(entry, ignore_errors=True)
     elif entry.exists():
         shutil.rmtree(entry, ignore_errors=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
     try:
         build(staging)
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"kind": kind, "inputs": inputs}, indent=2, default=str))
+        marker = {"kind": kind, "inputs": inputs, "files": content_manifest(staging)}
+        (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, default=str))
         try:
             os.replace(staging, entry)
         except OSError:

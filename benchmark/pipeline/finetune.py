@@ -23,15 +23,21 @@ from benchmark.pipeline.models.diffusion import DiffusionModel
 class TrainConfig:
     """One fine-tuning (or pretraining) recipe."""
 
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    seed: int = 0
-    weight_decay: float = 0.0
-    caption_dropout: float = 0.0
-    train_text_encoder: bool = False
-    lr_warmup_steps: int = 0
-    max_grad_norm: float | None = None
+    epochs: int = field(metadata={"help": "passes over the training set"})
+    batch_size: int = field(metadata={"help": "examples per optimizer step"})
+    learning_rate: float = field(metadata={"help": "AdamW learning rate"})
+    seed: int = field(
+        default=0, metadata={"help": "seeds training noise, batch order and a defense's changes to the data"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    caption_dropout: float = field(
+        default=0.0, metadata={"help": "fraction of captions replaced by the empty caption (for guidance)"}
+    )
+    train_text_encoder: bool = field(default=False, metadata={"help": "also train the text encoder"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up"})
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "clip the gradient to this norm (None: no clipping)"}
+    )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -313,14 +319,7 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
                     batch_captions = [
                         "" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
                     ]
-                    tokens = model.tokenizer(
-                        batch_captions,
-                        padding="max_length",
-                        max_length=model.tokenizer.model_max_length,
-                        truncation=True,
-                        return_tensors="pt",
-                    )
-                    context = model.text_encoder(tokens.input_ids)[0]
+                    context = model.text_context(batch_captions)
                 if latents_all is not None:
                     latents = latents_all[idx]
                 else:

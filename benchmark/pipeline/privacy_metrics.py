@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
@@ -63,6 +64,9 @@ class PrivacyMetrics:
     auc_ci: Interval | None = None
     balanced_accuracy_ci: Interval | None = None
     bootstrap: BootstrapSpec | None = None
+
+    # Direction of each figure from the model owner's point of view: a weaker attack is better.
+    HIGHER_IS_BETTER: ClassVar[dict[str, bool]] = {"auc": False, "balanced_accuracy": False, "tpr": False}
 
     def tpr(self, target_fpr: float) -> TprAtFpr:
         for entry in self.tpr_at_fpr:

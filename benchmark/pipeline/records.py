@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -15,14 +16,15 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 
 from benchmark.kernel.errors import BenchmarkError, ConfigError
 from benchmark.kernel.version import __version__
+from benchmark.pipeline.privacy_metrics import BootstrapSpec, PrivacyMetrics, TprAtFpr
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).parent / "schema" / "result.schema.json"
 
 
@@ -30,14 +32,291 @@ class RecordError(BenchmarkError):
     """A result file that is unreadable or does not match the schema."""
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A number with its direction, from the model owner's point of view."""
+def _interval(value: Any) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
 
+
+def _rest(data: dict[str, Any], typed: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in typed}
+
+
+def tpr_from_dict(data: dict[str, Any]) -> TprAtFpr:
+    return TprAtFpr(
+        target_fpr=float(data["target_fpr"]),
+        tpr=float(data["tpr"]),
+        realised_fpr=float(data["realised_fpr"]),
+        threshold=float(data["threshold"]),
+        n_nonmembers=int(data["n_nonmembers"]),
+        supported=bool(data["supported"]),
+        ci=_interval(data.get("ci")),
+    )
+
+
+def privacy_from_dict(data: dict[str, Any]) -> PrivacyMetrics:
+    """The reader of `PrivacyMetrics.to_dict()` (the record's privacy, control, baseline and shadow fit)."""
+    bootstrap = data.get("bootstrap")
+    balanced = data["balanced_accuracy"]
+    return PrivacyMetrics(
+        auc=float(data["auc"]),
+        balanced_accuracy=None if balanced is None else float(balanced),
+        tpr_at_fpr=tuple(tpr_from_dict(t) for t in data["tpr_at_fpr"]),
+        n_members=int(data["n_members"]),
+        n_nonmembers=int(data["n_nonmembers"]),
+        auc_ci=_interval(data.get("auc_ci")),
+        balanced_accuracy_ci=_interval(data.get("balanced_accuracy_ci")),
+        bootstrap=None if bootstrap is None else BootstrapSpec(**bootstrap),
+    )
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """One component of the run: who supplied which version, and its own free-form description.
+
+    `details` is the component's `describe()` less the typed fields; its shape
+    belongs to the component (a plugin's is its own).
+    """
+
+    name: str
+    version: str
+    origin: str
+    # Whether the component was loaded from the cache (None: not a cached component).
+    from_cache: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    TYPED: ClassVar[tuple[str, ...]] = ("name", "version", "origin", "from_cache")
+
+    @classmethod
+    def from_description(
+        cls, described: dict[str, Any], *, origin: str, version: str | None = None, from_cache: bool | None = None
+    ) -> ComponentRecord:
+        """From a component's `describe()`: `version` (the class's) wins over a described one."""
+        chosen = version if version is not None else described.get("version", "1")
+        return cls(
+            name=str(described["name"]),
+            version=str(chosen),
+            origin=origin,
+            from_cache=from_cache,
+            details=_rest(described, cls.TYPED),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComponentRecord:
+        cached = data.get("from_cache")
+        return cls(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            origin=str(data["origin"]),
+            from_cache=None if cached is None else bool(cached),
+            details=dict(data.get("details") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "origin": self.origin,
+            "from_cache": self.from_cache,
+            "details": self.details,
+        }
+
+    @property
+    def label(self) -> str:
+        """`dpsgd.eps8`, `dpsgd.eps8+lora.r4`, or the name with a config digest for a non-preset configuration."""
+        return component_label({**self.details, "name": self.name})
+
+
+def component_label(described: dict[str, Any]) -> str:
+    """The label of a described component (its `preset`, the presets of its parts, or a config digest)."""
+    name = str(described["name"])
+    parts = described.get("components")
+    if isinstance(parts, list) and parts and all(isinstance(p, dict) and p.get("preset") for p in parts):
+        return "+".join(sorted(component_label(p) for p in parts))
+    preset = described.get("preset")
+    if preset:
+        # Records name the full preset (`dpsgd.eps8`); a bare tag gets its component's name.
+        preset = str(preset)
+        return preset if preset.startswith(f"{name}.") else f"{name}.{preset}"
+    config = described.get("config") or {}
+    if config:
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{name} (config {digest})"
+    return name
+
+
+@dataclass(frozen=True)
+class Network:
+    """A reference network of the utility protocol, named by its weights."""
+
+    name: str
+    weights_sha256: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Network:
+        return cls(str(data["name"]), str(data["weights_sha256"]), dict(data.get("details") or {}))
+
+    @classmethod
+    def from_description(cls, data: dict[str, Any]) -> Network:
+        return cls(str(data["name"]), str(data["weights_sha256"]), _rest(data, ("name", "weights_sha256")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "details": self.details}
+
+
+@dataclass(frozen=True)
+class UtilityFigures:
+    """FID, KID (mean, std) and CLIP score of one model under the utility protocol."""
+
+    fid: float
+    kid_mean: float
+    kid_std: float
+    clip_score: float
+
+    HIGHER_IS_BETTER: ClassVar[dict[str, bool]] = {
+        "fid": False,
+        "kid_mean": False,
+        "kid_std": False,
+        "clip_score": True,
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UtilityFigures:
+        return cls(*(float(data[k]) for k in ("fid", "kid_mean", "kid_std", "clip_score")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class UtilityRecord:
+    """The target's utility, the networks and counts behind it, and the base model's as a control."""
+
+    feature_network: Network
+    clip_model: Network
+    n_real: int
+    n_generated: int
+    kid_subset_size: int
+    kid_subsets: int
+    seed: int
+    target: UtilityFigures
+    # The same protocol on the base model before fine-tuning.
+    base_model: UtilityFigures | None = None
+    # Free-form: the generation settings and notes.
+    details: dict[str, Any] = field(default_factory=dict)
+
+    COUNTS: ClassVar[tuple[str, ...]] = ("n_real", "n_generated", "kid_subset_size", "kid_subsets", "seed")
+
+    @classmethod
+    def from_measurement(cls, data: dict[str, Any]) -> UtilityRecord:
+        """From the utility stage's flat report (`UtilityResult.details`)."""
+        typed = ("feature_network", "clip_model", *cls.COUNTS, *UtilityFigures.HIGHER_IS_BETTER, "base_model")
+        base = data.get("base_model")
+        return cls(
+            feature_network=Network.from_description(data["feature_network"]),
+            clip_model=Network.from_description(data["clip_model"]),
+            **{k: int(data[k]) for k in cls.COUNTS},
+            target=UtilityFigures.from_dict(data),
+            base_model=None if base is None else UtilityFigures.from_dict(base),
+            details=_rest(data, typed),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UtilityRecord:
+        base = data.get("base_model")
+        return cls(
+            feature_network=Network.from_dict(data["feature_network"]),
+            clip_model=Network.from_dict(data["clip_model"]),
+            **{k: int(data[k]) for k in cls.COUNTS},
+            target=UtilityFigures.from_dict(data["target"]),
+            base_model=None if base is None else UtilityFigures.from_dict(base),
+            details=dict(data.get("details") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature_network": self.feature_network.to_dict(),
+            "clip_model": self.clip_model.to_dict(),
+            **{k: getattr(self, k) for k in self.COUNTS},
+            "target": self.target.to_dict(),
+            "base_model": None if self.base_model is None else self.base_model.to_dict(),
+            "details": self.details,
+        }
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """The fine-tuning reports of the target and the shadow (free-form: their shape belongs to the defense)."""
+
+    target: dict[str, Any]
+    shadow: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingRecord:
+        return cls(target=dict(data["target"]), shadow=dict(data["shadow"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "shadow": self.shadow}
+
+    @property
+    def epsilon(self) -> float | None:
+        """The DP budget the target's defense spent, where it has one."""
+        return find_epsilon(self.target.get("defense_details"))
+
+
+@dataclass(frozen=True)
+class AttackRecord:
+    """The attack's configuration, what it spent, and its per-query evidence."""
+
+    scenario: str
+    attack_model: str
+    encoder: str
+    distance: str
+    generations_per_query: int
+    query_access: str
+    strength: float | None
+    seed: int
+    caption_source: str
+    captioner_fine_tuned: bool | None
+    caption_exact_match: dict[str, float] | None
+    shadow_mode: str
+    shadow_defense: str
+    defense_aware_shadow: bool
+    queries_spent: int
+    images_generated: int
+    images_per_second: float
+    model_time_fraction: float
+    query_batch: int
+    shadow_queries_spent: int
+    shadow_overlap_with_target_members: int
+    query_ids: list[str]
+    captions: list[str]
+    labels: list[int]
+    scores: list[list[float]]
+    membership_scores: list[float]
+    predictions: list[int]
+    # The attack model applied to its own fit data (the shadow): a diagnostic, not a result.
+    shadow_fit: PrivacyMetrics
+    roc_plot: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttackRecord:
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values["shadow_fit"] = privacy_from_dict(data["shadow_fit"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["shadow_fit"] = self.shadow_fit.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure for display: where it lives in the record, its value and direction."""
+
+    name: str
     value: float | None
     higher_is_better: bool
-    description: str = ""
-    # 95% bootstrap interval (low, high), where the figure has one.
     ci: tuple[float, float] | None = None
 
 
@@ -54,42 +333,120 @@ class Provenance:
 
 @dataclass
 class ResultRecord:
-    """Everything needed to audit, recompute or reproduce one run."""
+    """Everything needed to audit, recompute or reproduce one run.
+
+    Each figure has one home: the attack on the target (`privacy`), the same
+    attack on the base model (`control`), the model-free baseline (`baseline`),
+    and the utility (`utility`); directions are `PrivacyMetrics.HIGHER_IS_BETTER`
+    and `UtilityFigures.HIGHER_IS_BETTER`.
+    """
 
     run_id: str
     provenance: Provenance
     seeds: dict[str, int]
     config: dict[str, Any]
-    components: dict[str, dict[str, Any]]
+    components: dict[str, ComponentRecord]
     splits: dict[str, list[str]]
-    training: dict[str, dict[str, Any]]
-    attack: dict[str, Any]
-    privacy: dict[str, Any]
-    metrics: dict[str, Metric]
+    training: TrainingRecord
+    attack: AttackRecord
+    privacy: PrivacyMetrics
     timings_s: dict[str, float]
     peak_memory_mb: float
-    control: dict[str, Any] | None = None
+    control: PrivacyMetrics | None = None
     # The model-free baseline: the same attack model on query-image features alone.
-    baseline: dict[str, Any] | None = None
+    baseline: PrivacyMetrics | None = None
     # FID, KID and CLIP score of the target, with the feature network and sample counts.
-    utility: dict[str, Any] | None = None
+    utility: UtilityRecord | None = None
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property
     def dataset(self) -> str:
-        return str(self.components["dataset"]["name"])
+        return self.components["dataset"].name
 
     @property
     def scenario(self) -> str:
-        return str(self.attack["scenario"])
+        return self.attack.scenario
 
     @property
     def defense(self) -> str:
-        return str(self.components["defense"]["name"])
+        return self.components["defense"].name
+
+    def figures(self) -> list[Figure]:
+        """The headline figures, each read from its home, with its direction from the home's type."""
+        out: list[Figure] = []
+        for home, privacy in (("privacy", self.privacy), ("control", self.control), ("baseline", self.baseline)):
+            if privacy is None:
+                continue
+            better = PrivacyMetrics.HIGHER_IS_BETTER
+            out.append(Figure(f"{home}.auc", privacy.auc, better["auc"], privacy.auc_ci))
+            if home != "privacy":
+                continue
+            for t in privacy.tpr_at_fpr:
+                out.append(Figure(f"privacy.tpr@fpr={t.target_fpr:g}", t.tpr, better["tpr"], t.ci))
+            out.append(
+                Figure(
+                    "privacy.balanced_accuracy",
+                    privacy.balanced_accuracy,
+                    better["balanced_accuracy"],
+                    privacy.balanced_accuracy_ci,
+                )
+            )
+        if self.utility is not None:
+            for home, figures in (("utility", self.utility.target), ("utility.base_model", self.utility.base_model)):
+                if figures is None:
+                    continue
+                for name, better_up in UtilityFigures.HIGHER_IS_BETTER.items():
+                    out.append(Figure(f"{home}.{name}", getattr(figures, name), better_up))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "run_id": self.run_id,
+            "provenance": dataclasses.asdict(self.provenance),
+            "seeds": self.seeds,
+            "config": self.config,
+            "components": {name: c.to_dict() for name, c in self.components.items()},
+            "splits": self.splits,
+            "training": self.training.to_dict(),
+            "attack": self.attack.to_dict(),
+            "privacy": self.privacy.to_dict(),
+            "timings_s": self.timings_s,
+            "peak_memory_mb": self.peak_memory_mb,
+            "control": None if self.control is None else self.control.to_dict(),
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
+            "utility": None if self.utility is None else self.utility.to_dict(),
+            "notes": self.notes,
+            "schema_version": self.schema_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "record") -> ResultRecord:
+        """The one reader of a record: validated against the schema, then typed.
+
+        Raises:
+            RecordError: the data is not a valid record of this schema version.
+        """
+        data = validate(data, source=source)
+        control, baseline, utility = data.get("control"), data.get("baseline"), data.get("utility")
+        return cls(
+            run_id=data["run_id"],
+            provenance=Provenance(**{"platform": "", **data["provenance"]}),
+            seeds=dict(data["seeds"]),
+            config=dict(data["config"]),
+            components={name: ComponentRecord.from_dict(c) for name, c in data["components"].items()},
+            splits={name: list(ids) for name, ids in data["splits"].items()},
+            training=TrainingRecord.from_dict(data["training"]),
+            attack=AttackRecord.from_dict(data["attack"]),
+            privacy=privacy_from_dict(data["privacy"]),
+            timings_s=dict(data["timings_s"]),
+            peak_memory_mb=data["peak_memory_mb"],
+            control=None if control is None else privacy_from_dict(control),
+            baseline=None if baseline is None else privacy_from_dict(baseline),
+            utility=None if utility is None else UtilityRecord.from_dict(utility),
+            notes=list(data.get("notes") or []),
+            schema_version=data["schema_version"],
+        )
 
 
 def new_run_id(defense: str, seed: int) -> str:
@@ -155,16 +512,55 @@ def validate(data: object, *, source: str = "record") -> dict[str, Any]:
         raise RecordError(f"{source}: a result record must be a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise RecordError(
-            f"{source}: schema_version {version!r} is not supported (this version reads "
-            f"{SCHEMA_VERSION}); re-run the benchmark to produce a current record"
+        hint = (
+            "upgrade it with `python -m benchmark migrate FOLDER`"
+            if isinstance(version, int) and 0 < version < SCHEMA_VERSION
+            else "re-run the benchmark to produce a current record"
         )
+        raise RecordError(
+            f"{source}: schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION}); {hint}"
+        )
+    where = _non_finite(data)
+    if where is not None:
+        raise RecordError(f"{source}: field {where or '(top level)'}: NaN or infinite numbers are not allowed")
     try:
         jsonschema.validate(data, schema())
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RecordError(f"{source}: field {where}: {exc.message}") from None
     return data
+
+
+def _non_finite(value: object, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in `value` (JSON Schema's `number` admits them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    children: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _non_finite(child, f"{path}/{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def encode(data: dict[str, Any]) -> str:
+    """A record's file text: indented objects, each list of plain values on one line.
+
+    Strict JSON: NaN and infinities raise ValueError. Long lists (ids, scores,
+    losses) one value per line would make a record mostly whitespace.
+    """
+    return _encode(data, 0) + "\n"
+
+
+def _encode(value: Any, level: int) -> str:
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_encode(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        items = [f"{inner}{_encode(v, level + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return json.dumps(value, allow_nan=False)
 
 
 def record_path(results_dir: Path, record: ResultRecord) -> Path:
@@ -228,13 +624,25 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
     path = record_path(results_dir, record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     except OSError as exc:
         raise RecordError(f"cannot write results under {results_dir}: {exc}; pass a writable --results-dir") from exc
+    _write_new(path, encode(data).encode())
+    return path
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `data` to the new file `path` atomically (temporary file, fsync, link).
+
+    Raises:
+        RecordError: the file exists or cannot be written.
+    """
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-            handle.write("\n")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc}; pass a writable --results-dir") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         # link() fails if the name exists: a result is never silently replaced.
@@ -245,7 +653,6 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
         raise RecordError(f"cannot write {path}: {exc}; pass a writable --results-dir") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def attachment_name(run_id: str, suffix: str) -> str:
@@ -260,20 +667,7 @@ def write_attachment(record_file: Path, run_id: str, suffix: str, data: bytes) -
         RecordError: the file exists or cannot be written.
     """
     path = Path(record_file).parent / attachment_name(run_id, suffix)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    except OSError as exc:
-        raise RecordError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.link(tmp, path)
-    except FileExistsError:
-        raise RecordError(f"{path} already exists; results are never overwritten") from None
-    except OSError as exc:
-        raise RecordError(f"cannot write {path}: {exc}") from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    _write_new(path, data)
     return path
 
 
@@ -292,3 +686,8 @@ def load_record(path: Path) -> dict[str, Any]:
             "delete it and re-run that configuration"
         ) from None
     return validate(data, source=str(path))
+
+
+def read_record(path: Path) -> ResultRecord:
+    """Read, validate and type one result file."""
+    return ResultRecord.from_dict(load_record(path), source=str(path))

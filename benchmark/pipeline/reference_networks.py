@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,21 @@ INCEPTION_FEATURES = 2048
 class ReferenceClipTraining:
     """Architecture and training of the reference CLIP model (trained on the public split)."""
 
-    image_size: int = 16
-    patch_size: int = 4
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 2
-    projection_dim: int = 64
-    max_caption_tokens: int = 32
-    tokenizer_vocab_size: int = 400
-    steps: int = 200
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    held_out_fraction: float = 0.1
-    seed: int = 0
+    image_size: int = field(default=16, metadata={"help": "image side the vision tower sees (images are resized)"})
+    patch_size: int = field(default=4, metadata={"help": "vision patch side in pixels"})
+    hidden_size: int = field(default=64, metadata={"help": "width of both towers"})
+    layers: int = field(default=2, metadata={"help": "transformer layers per tower"})
+    heads: int = field(default=2, metadata={"help": "attention heads per layer"})
+    projection_dim: int = field(default=64, metadata={"help": "size of the shared image-text embedding"})
+    max_caption_tokens: int = field(default=32, metadata={"help": "captions are cut to this many tokens"})
+    tokenizer_vocab_size: int = field(default=400, metadata={"help": "word-level vocabulary size"})
+    steps: int = field(default=200, metadata={"help": "contrastive training steps"})
+    batch_size: int = field(default=128, metadata={"help": "image-caption pairs per step"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (one-cycle schedule)"})
+    held_out_fraction: float = field(
+        default=0.1, metadata={"help": "fraction held out for the zero-shot retrieval figure"}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds initialisation, shuffling and the held-out draw"})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

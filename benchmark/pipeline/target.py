@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,9 +19,9 @@ import numpy as np
 class SamplingConfig:
     """How the provider samples images for a query (paper: 30 DDIM steps, guidance 7.5)."""
 
-    num_inference_steps: int = 20
-    guidance_scale: float = 1.0
-    batch_size: int = 256
+    num_inference_steps: int = field(default=20, metadata={"help": "DDIM steps per generation"})
+    guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)"})
+    batch_size: int = field(default=256, metadata={"help": "images per call to the model when sampling"})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

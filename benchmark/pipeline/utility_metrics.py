@@ -23,7 +23,7 @@ from torch import nn
 
 from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.models.diffusion import generate
-from benchmark.pipeline.records import Metric
+from benchmark.pipeline.records import UtilityRecord
 from benchmark.pipeline.reference_networks import (
     ClipAdapter,
     ClipBundle,
@@ -63,35 +63,9 @@ class UtilityResult:
         control = {k: base.details[k] for k in ("fid", "kid_mean", "kid_std", "clip_score")}
         return replace(self, details={**self.details, "base_model": control})
 
-    def metrics(self) -> dict[str, Any]:
-        """Headline figures for the record (benchmark.pipeline.records.Metric), named after their feature network."""
-        net = self.details["feature_network"]["name"]
-        n = self.details["n_generated"]
-        controls = {}
-        if "base_model" in self.details:
-            base = self.details["base_model"]
-            controls = {
-                "control_fid_base_model": Metric(
-                    base["fid"], False, f"FID of the base model before fine-tuning, same protocol on {net}"
-                ),
-                "control_clip_score_base_model": Metric(
-                    base["clip_score"], True, "CLIP score of the base model before fine-tuning, same protocol"
-                ),
-            }
-        return {
-            "fid": Metric(self.fid, False, f"FID on {net}, {n} generated vs {self.details['n_real']} real"),
-            "kid": Metric(
-                self.kid_mean,
-                False,
-                f"KID mean on {net} (std {self.kid_std:.4g}, subset {self.details['kid_subset_size']})",
-            ),
-            "clip_score": Metric(
-                self.clip_score,
-                True,
-                f"100 x cosine(image, caption) clipped at 0, {self.details['clip_model']['name']}",
-            ),
-            **controls,
-        }
+    def record(self) -> UtilityRecord:
+        """The record's utility section: these figures, the networks and counts behind them, the base model's."""
+        return UtilityRecord.from_measurement(self.details)
 
 
 def fid_kid(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,11 +54,16 @@ class DatasetSpec:
 
 
 DatasetBuilder = Callable[[DatasetSpec], ImageTextDataset]
-DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", entry_point_group="benchmark.datasets")
 
 
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    return DATASETS.register(name)
+def register_dataset(name: str, **capabilities: Any) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Register a dataset builder; `check=fn(spec)` validates a `DatasetSpec` before any work.
+
+    The check runs in `RunConfig.validate()`, before any data is read or model trained:
+    it should be cheap and raise `ConfigError` naming the flag to pass.
+    """
+    return DATASETS.register(name, **capabilities)
 
 
 def build_dataset(spec: DatasetSpec) -> ImageTextDataset:

@@ -24,15 +24,8 @@ class FolderDataset:
     name = "folder"
 
     def __init__(self, root: Path, *, resolution: int, size: int | None = None) -> None:
-        root = Path(root).expanduser().resolve()
-        if not root.is_dir():
-            raise DatasetError(f"dataset folder {root} does not exist; pass --dataset-path DIR")
+        root = _check_root(root)
         meta = root / METADATA
-        if not meta.is_file():
-            raise DatasetError(
-                f"{root} has no {METADATA}; add one line per image like "
-                '{"file_name": "0001.jpg", "text": "a caption"} (diffusers\' image-folder format)'
-            )
         files: list[str] = []
         captions: list[str] = []
         seen: set[str] = set()
@@ -115,9 +108,29 @@ def _load(path: Path, resolution: int) -> np.ndarray:
     return array
 
 
-@register_dataset("folder")
-def build_folder(spec: DatasetSpec) -> ImageTextDataset:
-    """Local image folder with metadata.jsonl (file_name, text), e.g. CelebA-Dialog or MS COCO."""
+def _check_root(root: Path) -> Path:
+    """The resolved folder, if it exists and has a metadata file (cheap: no line or image is read)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; pass --dataset-path DIR")
+    if not (root / METADATA).is_file():
+        raise DatasetError(
+            f"{root} has no {METADATA}; add one line per image like "
+            '{"file_name": "0001.jpg", "text": "a caption"} (diffusers\' image-folder format)'
+        )
+    return root
+
+
+def check_folder_spec(spec: DatasetSpec) -> None:
+    """Before any training: the run names a folder, and it has a metadata file."""
     if spec.path is None:
         raise DatasetError("--dataset folder needs --dataset-path DIR (a folder with metadata.jsonl)")
+    _check_root(spec.path)
+
+
+@register_dataset("folder", check=check_folder_spec)
+def build_folder(spec: DatasetSpec) -> ImageTextDataset:
+    """Local image folder with metadata.jsonl (file_name, text), e.g. CelebA-Dialog or MS COCO."""
+    check_folder_spec(spec)
+    assert spec.path is not None
     return FolderDataset(spec.path, resolution=spec.resolution, size=spec.size)

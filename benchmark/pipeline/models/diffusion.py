@@ -50,6 +50,10 @@ class DiffusionModel:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.text_context(captions)
+
+    def text_context(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's hidden states for `captions`, with gradients where the encoder trains."""
         tokens = self.tokenizer(
             captions,
             padding="max_length",
@@ -100,8 +104,8 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def load_model(path: Path) -> DiffusionModel:
-    """Load a diffusers text-to-image folder (Stable Diffusion v1-5 layout) from disk only.
+def check_model_folder(path: Path) -> Path:
+    """The resolved folder, if it has a diffusers text-to-image layout (cheap: no weights are read).
 
     Raises:
         ModelError: the folder is missing or is not a diffusers text-to-image folder.
@@ -123,6 +127,16 @@ def load_model(path: Path) -> DiffusionModel:
             f"missing: {', '.join(missing)}. Save one with "
             "StableDiffusionPipeline.save_pretrained(DIR)."
         )
+    return path
+
+
+def load_model(path: Path) -> DiffusionModel:
+    """Load a diffusers text-to-image folder (Stable Diffusion v1-5 layout) from disk only.
+
+    Raises:
+        ModelError: the folder is missing or is not a diffusers text-to-image folder.
+    """
+    path = check_model_folder(path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from benchmark.kernel.cache import cached
-from benchmark.kernel.errors import ModelError
+from benchmark.kernel.errors import ConfigError, ModelError
 from benchmark.kernel.registry import Registry
 from benchmark.pipeline.data.base import ImageTextDataset, images_to_tensor
 from benchmark.pipeline.finetune import StepCallback, TrainConfig, train
-from benchmark.pipeline.models.diffusion import DiffusionModel, load_model
+from benchmark.pipeline.models.diffusion import DiffusionModel, check_model_folder, load_model
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
 
 
@@ -31,6 +31,21 @@ class BaseModelRequest:
     tiny: TinyModelConfig = TinyModelConfig()
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a model source's `check` hook sees in `RunConfig.validate()`, before any data is loaded.
+
+    Attributes:
+        path: the local folder passed with --model-path, if any.
+        resolution: the run's image resolution.
+        public: size of the public split the run would draw (--public).
+    """
+
+    path: Path | None
+    resolution: int
+    public: int
+
+
 @dataclass
 class BaseModel:
     model_dir: Path
@@ -42,11 +57,18 @@ class BaseModel:
         return load_model(self.model_dir)
 
 
+# A source may declare, at registration, `check=fn(ModelSettings)` (cheap validation
+# before any training) and `needs_public_data=True` (the run must draw a public split).
 ModelSource = Callable[[BaseModelRequest, StepCallback | None], BaseModel]
 MODELS: Registry[ModelSource] = Registry("model", entry_point_group="benchmark.models")
 
 
-@MODELS.register("tiny")
+def check_tiny(settings: ModelSettings) -> None:
+    if settings.public < 1:
+        raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
+
+
+@MODELS.register("tiny", check=check_tiny, needs_public_data=True)
 def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
     """Embedded tiny pixel-space model, pretrained on the public split and cached."""
     ds = request.dataset
@@ -78,14 +100,20 @@ def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -
     )
 
 
-@MODELS.register("sd15")
-def local_folder_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
-    """Stable Diffusion v1-5 (or any diffusers text-to-image folder) from --model-path."""
-    if request.model_path is None:
+def check_local_folder(settings: ModelSettings) -> None:
+    if settings.path is None:
         raise ModelError(
             "--model sd15 needs --model-path DIR: a local diffusers folder of Stable Diffusion v1-5 "
-            "(model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/). Nothing is downloaded."
+            "(model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, vae/); nothing is downloaded"
         )
+    check_model_folder(settings.path)
+
+
+@MODELS.register("sd15", check=check_local_folder)
+def local_folder_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
+    """Stable Diffusion v1-5 (or any diffusers text-to-image folder) from --model-path."""
+    check_local_folder(ModelSettings(path=request.model_path, resolution=request.resolution, public=0))
+    assert request.model_path is not None
     model = load_model(request.model_path)
     if model.resolution != request.resolution:
         raise ModelError(
