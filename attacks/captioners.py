@@ -98,8 +98,6 @@ def build_captioner(name: str, request: CaptionerRequest | None = None) -> Capti
     return CAPTIONERS.get(name)(request or CaptionerRequest())
 
 
-
-
 def _torch_version() -> str:
     from importlib import metadata
 

@@ -91,8 +91,6 @@ def build_encoder(name: str, request: EncoderRequest | None = None) -> ImageEnco
     return ENCODERS.get(name)(request or EncoderRequest())
 
 
-
-
 def _as_tensor(images: np.ndarray) -> torch.Tensor:
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:

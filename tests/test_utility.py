@@ -115,7 +115,10 @@ def test_standard_clip_folder_loads_and_hashes(tiny_clip_dir: Path) -> None:
     assert result.details["n_generated"] == 12 and result.details["kid_subset_size"] == 6
     assert np.isfinite([result.fid, result.kid_mean, result.kid_std, result.clip_score]).all()
     record = result.record()
-    assert (record.target.fid, record.target.clip_score) == (result.fid, result.clip_score) and record.base_model is None
+    assert (record.target.fid, record.target.clip_score) == (
+        result.fid,
+        result.clip_score,
+    ) and record.base_model is None
     assert record.feature_network.weights_sha256 == expected
 
 
