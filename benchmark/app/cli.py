@@ -62,15 +62,29 @@ RUN_SETS_OTHERWISE = ("scenario", "attack_model")  # --scenario / --attack-model
 SUITE_SETS_OTHERWISE = ("defense", "seed", "scenario", "attack_model")  # the grid: --defenses, --seeds, ...
 
 
-def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _config_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help_text: str,
+    examples: str,
+    sets_otherwise: tuple[str, ...],
+) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the run configuration's fields, less those it sets another way."""
     p = sub.add_parser(
-        "run",
-        help="fine-tune a target under a defense, attack it, record one result",
-        epilog=RUN_EXAMPLES,
+        name,
+        help=help_text,
+        epilog=examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=CONFIG_DEFAULTS_NOTE,
     )
-    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=RUN_SETS_OTHERWISE))
+    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=sets_otherwise))
+    return p
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _config_parser(
+        sub, "run", "fine-tune a target under a defense, attack it, record one result", RUN_EXAMPLES, RUN_SETS_OTHERWISE
+    )
     # Not part of the run's configuration: how many cells to run, and how to show them.
     other = p.add_argument_group("cells and output (not part of the run's configuration)")
     other.add_argument(
@@ -94,14 +108,13 @@ SUITE_EXAMPLES = """examples:
 
 
 def _add_suite_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
+    p = _config_parser(
+        sub,
         "suite",
-        help="run every defense preset x scenario x attack model x seed (resumable)",
-        epilog=SUITE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=CONFIG_DEFAULTS_NOTE,
+        "run every defense preset x scenario x attack model x seed (resumable)",
+        SUITE_EXAMPLES,
+        SUITE_SETS_OTHERWISE,
     )
-    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=SUITE_SETS_OTHERWISE))
     # Not part of the run's configuration: the grid's axes, and how to report.
     grid = p.add_argument_group("the grid and output (not part of the run's configuration)")
     grid.add_argument("--defenses", default="all", help="'all' (none + every registered preset) or a comma list")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from benchmark.pipeline.records import (
     ResultRecord,
     UtilityRecord,
     encode,
+    write_atomically,
 )
 
 # Where each v1 `metrics` entry lives in v2 (the figure's one home).
@@ -127,18 +126,6 @@ def upgrade(data: dict[str, Any], *, source: str = "record") -> dict[str, Any] |
     return ResultRecord.from_dict(data, source=source).to_dict()
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def migrate(folder: Path) -> MigrationReport:
     """Upgrade every record under `folder`; all are checked before any is written.
 
@@ -163,6 +150,6 @@ def migrate(folder: Path) -> MigrationReport:
         else:
             pending.append((path, encode(upgraded)))
     for path, text in pending:
-        _replace_atomically(path, text)
+        write_atomically(path, text.encode(), overwrite=True)
         report.upgraded.append(path)
     return report

@@ -626,15 +626,17 @@ def write_record(record: ResultRecord, results_dir: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RecordError(f"cannot write results under {results_dir}: {exc}; pass a writable --results-dir") from exc
-    _write_new(path, encode(data).encode())
+    write_atomically(path, encode(data).encode())
     return path
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Write `data` to the new file `path` atomically (temporary file, fsync, link).
+def write_atomically(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write `data` to `path` through a temporary file: readers see the old file or the new one, whole.
+
+    Without `overwrite` the file must be new (a result is never silently replaced).
 
     Raises:
-        RecordError: the file exists or cannot be written.
+        RecordError: the file exists (without `overwrite`) or cannot be written.
     """
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
@@ -645,8 +647,11 @@ def _write_new(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        # link() fails if the name exists: a result is never silently replaced.
-        os.link(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the name exists: a result is never silently replaced.
+            os.link(tmp, path)
     except FileExistsError:
         raise RecordError(f"{path} already exists; results are never overwritten") from None
     except OSError as exc:
@@ -667,7 +672,7 @@ def write_attachment(record_file: Path, run_id: str, suffix: str, data: bytes) -
         RecordError: the file exists or cannot be written.
     """
     path = Path(record_file).parent / attachment_name(run_id, suffix)
-    _write_new(path, data)
+    write_atomically(path, data)
     return path
 
 
