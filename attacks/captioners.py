@@ -88,10 +88,9 @@ CaptionerBuilder = Callable[..., Captioner]
 CAPTIONERS: Registry[CaptionerBuilder] = Registry("captioner", entry_point_group="benchmark.captioners")
 
 
-def register_captioner(name: str, **capabilities: Any) -> Callable[[CaptionerBuilder], CaptionerBuilder]:
-    """Register a captioner builder; capabilities such as `check=fn(request)` or
-    `needs_public_data=True` may be declared here or as attributes of a class."""
-    return CAPTIONERS.register(name, **capabilities)
+# The decorator: `@register_captioner("name", check=fn, needs_public_data=True)`; capabilities may also
+# be attributes of a builder class.
+register_captioner = CAPTIONERS.register
 
 
 def build_captioner(name: str, request: CaptionerRequest | None = None) -> Captioner:

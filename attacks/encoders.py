@@ -81,10 +81,9 @@ EncoderBuilder = Callable[..., ImageEncoder]
 ENCODERS: Registry[EncoderBuilder] = Registry("encoder", entry_point_group="benchmark.encoders")
 
 
-def register_encoder(name: str, **capabilities: Any) -> Callable[[EncoderBuilder], EncoderBuilder]:
-    """Register an encoder builder; capabilities such as `check=fn(request)` or
-    `needs_public_data=True` may be declared here or as attributes of a class."""
-    return ENCODERS.register(name, **capabilities)
+# The decorator: `@register_encoder("name", check=fn, needs_public_data=True)`; capabilities may also
+# be attributes of a builder class.
+register_encoder = ENCODERS.register
 
 
 def build_encoder(name: str, request: EncoderRequest | None = None) -> ImageEncoder:
