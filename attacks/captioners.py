@@ -46,18 +46,24 @@ class Captioner(Protocol):
 class CaptionerTraining:
     """Pretraining (public split) and fine-tuning (auxiliary data) recipes."""
 
-    pretrain_epochs: int = field(default=40, metadata={"help": "tiny: pretraining epochs on the public split"})
-    finetune_epochs: int = field(default=40, metadata={"help": "tiny: fine-tuning epochs on the auxiliary data"})
-    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "tiny: pretraining learning rate"})
-    finetune_learning_rate: float = field(default=1e-3, metadata={"help": "tiny: fine-tuning learning rate"})
+    pretrain_epochs: int = field(
+        default=40, metadata={"help": "tiny: pretraining epochs on the public split", "min": 1}
+    )
+    finetune_epochs: int = field(
+        default=40, metadata={"help": "tiny: fine-tuning epochs on the auxiliary data", "min": 1}
+    )
+    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step", "min": 1})
+    learning_rate: float = field(default=3e-3, metadata={"help": "tiny: pretraining learning rate", "above": 0})
+    finetune_learning_rate: float = field(
+        default=1e-3, metadata={"help": "tiny: fine-tuning learning rate", "above": 0}
+    )
     # Against forgetting.
     finetune_replay: float = field(
-        default=1.0, metadata={"help": "public examples replayed per auxiliary example while fine-tuning"}
+        default=1.0, metadata={"help": "public examples replayed per auxiliary example while fine-tuning", "min": 0}
     )
     # Pretrained transformers captioners (blip) need far gentler fine-tuning.
-    hf_finetune_epochs: int = field(default=3, metadata={"help": "blip: fine-tuning epochs"})
-    hf_learning_rate: float = field(default=1e-5, metadata={"help": "blip: fine-tuning learning rate"})
+    hf_finetune_epochs: int = field(default=3, metadata={"help": "blip: fine-tuning epochs", "min": 1})
+    hf_learning_rate: float = field(default=1e-5, metadata={"help": "blip: fine-tuning learning rate", "above": 0})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

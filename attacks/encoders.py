@@ -46,11 +46,15 @@ class ImageEncoder(Protocol):
 class EncoderTraining:
     """How the `cnn` encoder is trained on the public split."""
 
-    epochs: int = field(default=8, metadata={"help": "passes over the public split"})
-    batch_size: int = field(default=64, metadata={"help": "images per optimizer step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
-    noise_std: float = field(default=0.1, metadata={"help": "std of the Gaussian noise added to the input images"})
-    mask_fraction: float = field(default=0.25, metadata={"help": "fraction of input pixels masked out"})
+    epochs: int = field(default=8, metadata={"help": "passes over the public split", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "images per optimizer step", "min": 1})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate", "above": 0})
+    noise_std: float = field(
+        default=0.1, metadata={"help": "std of the Gaussian noise added to the input images", "min": 0}
+    )
+    mask_fraction: float = field(
+        default=0.25, metadata={"help": "fraction of input pixels masked out", "min": 0, "below": 1}
+    )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

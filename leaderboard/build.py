@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.kernel.errors import BenchmarkError
-from benchmark.pipeline.records import RecordError, ResultRecord
+from benchmark.pipeline.records import RecordError, ResultRecord, read_record
 from leaderboard import plots as plotting
 from leaderboard.tables import BASE_MODEL_ROW, Entry, Row, Table, pareto
 
@@ -51,14 +50,21 @@ class Leaderboard:
 
 
 def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
-    """Every *.json under `results_dir`, sorted; invalid ones are skipped with a reason."""
+    """Every *.json under `results_dir`, sorted; invalid ones are skipped with a reason.
+
+    Files are read by `read_record`: only regular files of at most
+    `MAX_RECORD_BYTES` (16 MiB), whose figures agree with their own per-query
+    scores; a FIFO, a link to a device, an oversized, deeply nested or forged
+    record is skipped, never waited on or loaded whole.
+    """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise LeaderboardError(
             f"results folder {results_dir} does not exist; run `python -m benchmark run` first or pass --results-dir"
         )
+    # Not only regular files: anything else named *.json is listed as skipped, with its reason.
     files = sorted(
-        (p for p in results_dir.rglob("*.json") if p.is_file() and not p.name.startswith(".tmp-")),
+        (p for p in results_dir.rglob("*.json") if not p.is_dir() and not p.name.startswith(".tmp-")),
         key=lambda p: p.relative_to(results_dir).as_posix(),
     )
     entries: list[Entry] = []
@@ -66,15 +72,7 @@ def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
     for path in files:
         rel = path.relative_to(results_dir).as_posix()
         try:
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, UnicodeDecodeError) as exc:
-                raise RecordError(f"{rel}: cannot read ({exc.__class__.__name__})") from None
-            except json.JSONDecodeError as exc:
-                raise RecordError(
-                    f"{rel}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt"
-                ) from None
-            entries.append(_entry(rel, ResultRecord.from_dict(data, source=rel)))
+            entries.append(_entry(rel, read_record(path, source=rel)))
         except RecordError as exc:
             skipped.append(Skipped(rel, str(exc)))
         except (KeyError, TypeError, ValueError) as exc:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmark.pipeline.plots import plain_text  # noqa: E402
 from leaderboard.tables import Entry, Table, pareto  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def tradeoff(table: Table) -> bytes:
             else:
                 ax.scatter(x, r.auc, marker="*" if r.pareto else "o", s=110 if r.pareto else 40)
             ax.annotate(
-                "base model" if r.reference else r.defense,
+                "base model" if r.reference else plain_text(r.defense),
                 (x, r.auc),
                 textcoords="offset points",
                 xytext=(4, 4),
@@ -62,9 +63,10 @@ def tradeoff(table: Table) -> bytes:
             )
             ax.legend(loc="upper left" if attr == "clip" else "upper right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel(f"{label} ({table.utility_key[0]})", fontsize=8)
+        ax.set_xlabel(f"{label} ({plain_text(table.utility_key[0])})", fontsize=8)
         ax.set_ylabel("attack AUC ↓ (worst case over attack models)")
-    fig.suptitle(f"{table.dataset}, scenario {table.scenario}: privacy-utility trade-off", fontsize=10)
+    title = plain_text(f"{table.dataset}, scenario {table.scenario}")
+    fig.suptitle(f"{title}: privacy-utility trade-off", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
@@ -103,7 +105,7 @@ def roc(entries: list[Entry], title: str) -> bytes | None:
                 np.maximum(tpr, low),
                 color=colour,
                 lw=1,
-                label=f"{key[0]} / {key[1]}" if n == 0 else None,
+                label=plain_text(f"{key[0]} / {key[1]}") if n == 0 else None,
             )
     ax.plot([floor, 1], [floor, 1], color="grey", ls=":", lw=0.8, label="chance")
     ax.set_xscale("log")
@@ -112,7 +114,7 @@ def roc(entries: list[Entry], title: str) -> bytes | None:
     ax.set_ylim(floor, 1.05)
     ax.set_xlabel("false positive rate (0 drawn at 0.5 / non-members)")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"{title}: ROC (log-log)", fontsize=9)
+    ax.set_title(f"{plain_text(title)}: ROC (log-log)", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _png(fig)

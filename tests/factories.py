@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from benchmark.pipeline.privacy_metrics import PrivacyMetrics, TprAtFpr
+from benchmark.pipeline.privacy_metrics import privacy_metrics
 from benchmark.pipeline.records import (
     AttackRecord,
     ComponentRecord,
@@ -34,31 +34,23 @@ def make_record(
     n_nonmembers: int = 8,
     **overrides: Any,
 ) -> ResultRecord:
-    """A small valid record; `overrides` replace top-level fields of the result."""
+    """A small valid record; `overrides` replace top-level fields of the result.
+
+    The privacy figures are recomputed from per-query scores built to give `auc`
+    (to 1/4000) and, at the lowest FPR, `tpr1` (to 1/250): a record's figures
+    must follow from its evidence (`check_consistency`).
+    """
 
     def comp(name: str, **details: Any) -> ComponentRecord:
         return ComponentRecord(name=name, version="1", origin="test", details=details)
 
-    labels = [1, 0] * n_nonmembers
-    scores = [float(i % 7) + (0.5 if lab else 0.0) for i, lab in enumerate(labels)]
-    privacy = PrivacyMetrics(
-        auc=auc,
-        balanced_accuracy=auc,
-        tpr_at_fpr=tuple(
-            TprAtFpr(
-                target_fpr=fpr,
-                tpr=tpr1 if fpr == 0.01 else tpr1 / 2,
-                realised_fpr=0.0,
-                threshold=1.0,
-                n_nonmembers=n_nonmembers,
-                supported=n_nonmembers >= 1 / fpr,
-                ci=(0.0, min(1.0, tpr1 + 0.1)),
-            )
-            for fpr in (0.01, 0.001)
-        ),
-        n_members=n_nonmembers,
-        n_nonmembers=n_nonmembers,
-        auc_ci=(max(0.0, auc - 0.1), min(1.0, auc + 0.1)),
+    labels, scores = _scores(auc, tpr1, n_nonmembers)
+    predictions = [int(s > (n_nonmembers - 1) / 2) for s in scores]
+    computed = privacy_metrics(labels, scores, predictions, bootstrap=None)
+    privacy = dataclasses.replace(
+        computed,
+        tpr_at_fpr=tuple(dataclasses.replace(t, ci=(0.0, min(1.0, t.tpr + 0.1))) for t in computed.tpr_at_fpr),
+        auc_ci=(max(0.0, computed.auc - 0.1), min(1.0, computed.auc + 0.1)),
     )
     utility = None
     if fid is not None:
@@ -123,7 +115,7 @@ def make_record(
             labels=labels,
             scores=[[s] for s in scores],
             membership_scores=scores,
-            predictions=labels,
+            predictions=predictions,
             shadow_fit=privacy,
         ),
         privacy=privacy,
@@ -132,3 +124,23 @@ def make_record(
         utility=utility,
     )
     return dataclasses.replace(record, **overrides)
+
+
+MEMBERS = 250
+
+
+def _scores(auc: float, tpr1: float, n_nonmembers: int) -> tuple[list[int], list[float]]:
+    """Labels and scores whose AUC is `auc` and whose TPR above every non-member is `tpr1` (as near as feasible).
+
+    Non-members score 0 .. n-1. A member earns half-steps h in [0, 2n]: h // 2
+    non-members below it and, for odd h, a tie with the next one; h = 2n puts it
+    above every non-member.
+    """
+    n, m = n_nonmembers, MEMBERS
+    top = min(m, max(0, round(tpr1 * m)))
+    rest = m - top
+    wanted = round(auc * 2 * n * m) - top * 2 * n
+    spread = min(max(wanted, 0), rest * (2 * n - 1))
+    steps = [2 * n] * top + [spread // rest + (i < spread % rest) for i in range(rest)] if rest else [2 * n] * top
+    members = [h / 2 - 0.5 if h % 2 == 0 else (h - 1) / 2 for h in steps]
+    return [1] * m + [0] * n, members + [float(i) for i in range(n)]

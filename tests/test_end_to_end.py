@@ -159,7 +159,7 @@ def test_cli_interrupt_exits_130_without_result(micro_run, tmp_path: Path, capsy
         ["run", "--profile", "micro", "--quiet", "--results-dir", str(results), "--cache-dir", str(micro_run.cache_dir)]
     )
     assert code == 130
-    assert "no partial result was written" in capsys.readouterr().err
+    assert "no result was written" in capsys.readouterr().err
     assert _files(results) == []
 
 

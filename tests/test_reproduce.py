@@ -41,15 +41,29 @@ def test_a_record_reproduces_from_an_empty_cache(micro_run, tmp_path: Path) -> N
 
 
 def test_a_tampered_record_does_not_reproduce(micro_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # A figure the record cannot recompute itself (FID needs the model): only a re-run shows the change.
     data = json.loads(micro_run.outcome.path.read_text())
-    auc = data["privacy"]["auc"]
-    data["privacy"]["auc"] = auc - 0.3 if auc > 0.5 else auc + 0.3
+    assert data["utility"] is not None
+    data["utility"]["target"]["fid"] *= 3
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(data))
     code = main(["reproduce", str(forged), "--cache-dir", str(micro_run.cache_dir), "--quiet"])
     out = capsys.readouterr().err
     assert code == 1
     assert "NOT reproduced" in out and "outside" in out
+
+
+def test_a_forged_auc_is_refused_before_anything_runs(micro_run, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # The AUC follows from the stored scores: a changed one is caught on reading (exit 2), nothing is re-run.
+    data = json.loads(micro_run.outcome.path.read_text())
+    auc = data["privacy"]["auc"]
+    data["privacy"]["auc"] = auc - 0.3 if auc > 0.5 else auc + 0.3
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    assert main(["reproduce", str(forged), "--cache-dir", str(tmp_path / "unused-cache"), "--quiet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "field privacy/auc is stored as" in err and "contradicts itself" in err
+    assert "Traceback" not in err and "NOT reproduced" not in err
 
 
 def test_tolerances_are_absolute_for_auc_and_relative_for_fid() -> None:

@@ -6,6 +6,7 @@ import argparse
 import inspect
 import logging
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +24,11 @@ from benchmark.app.config import PROFILES, RunConfig, profile
 from benchmark.app.flags import add_config_flags, apply, given
 from benchmark.app.migrate import migrate
 from benchmark.app.reproduce import Tolerance, reproduce
-from benchmark.app.runner import run_matrix
+from benchmark.app.runner import RunOutcome, run_matrix
 from benchmark.app.suite import SuiteSpec, run_suite
 from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import BenchmarkError, ConfigError
+from benchmark.kernel.interrupts import interrupted, watch_interrupts
 from benchmark.kernel.plugins import component_origin
 from benchmark.pipeline.data import DATASETS
 from benchmark.pipeline.finetune import TrainConfig
@@ -171,10 +173,40 @@ def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-d
     )
 
 
+def _check_summary(path: Path) -> None:
+    """Before any cell runs: the summary can be written where --summary says (it is written last).
+
+    Raises:
+        ConfigError: naming the path and the fix.
+    """
+    fix = "pass a writable file path to --summary"
+    if path.is_dir():
+        raise ConfigError(f"--summary {path} is a folder; {fix}, e.g. {path / 'summary.json'}")
+    folder = path.parent
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=folder):
+            pass
+        if path.exists():
+            with open(path, "a"):
+                pass
+    except OSError as exc:
+        raise ConfigError(f"--summary {path} cannot be written ({exc.strerror or exc}); {fix}") from None
+    finally:
+        for made in missing:  # a check leaves nothing behind; the folder is made again when the summary is written
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+
+
 def cmd_suite(args: argparse.Namespace, console: Console) -> int:
     import json
 
     spec = suite_spec_from_args(args)
+    if args.summary is not None:
+        _check_summary(args.summary)
     n_cells = len(spec.defenses) * len(spec.seeds) * len(spec.scenarios) * len(spec.attack_models)
     console.print(
         f"suite: {len(spec.defenses)} defense(s) x {len(spec.scenarios)} scenario(s) x "
@@ -326,13 +358,27 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     config = config_from_args(args)
     scenarios, attack_models = cells_from_args(args)
-    outcomes = run_matrix(
-        config,
-        scenarios=scenarios or None,
-        attack_models=attack_models or None,
-        console=console,
-        show_progress=not args.quiet,
-    )
+    written: list[RunOutcome] = []
+    try:
+        outcomes = run_matrix(
+            config,
+            scenarios=scenarios or None,
+            attack_models=attack_models or None,
+            console=console,
+            show_progress=not args.quiet,
+            written=written,
+        )
+    except KeyboardInterrupt:
+        # Say what is on disk: records of the cells that finished before the interrupt are kept.
+        if written:
+            console.print(
+                f"[red]interrupted:[/] kept {len(written)} finished record(s); the other cells wrote nothing:"
+            )
+            for outcome in written:
+                console.print(f"  {escape(str(outcome.path))}")
+        else:
+            console.print("[red]interrupted:[/] no result was written")
+        raise
     if len(outcomes) > 1:
         _print_matrix(outcomes, console)
         return 0
@@ -437,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Membership-inference privacy benchmark for fine-tuned text-to-image diffusion models.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Read by main() wherever it stands (before or after the subcommand); declared here for --help.
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_suite_parser(sub)
@@ -463,7 +513,36 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes: 0 done; 1 a failure (suite: some cell failed; reproduce: a figure outside its tolerance;
+  any command: an unexpected error, shown in one line, --debug for the traceback); 2 bad input (flags, files,
+  folders: the message names the problem and the fix); 130 interrupted
+"""
+
+
+def _debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """`--debug` anywhere before a `--` (before or after the subcommand), and the arguments without it."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    return debug, [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
+
+
+def _unexpected(exc: Exception, console: Console, *, debug: bool) -> int:
+    """An error no check foresaw: one line naming it (the traceback only with --debug); exit code 1."""
+    if debug:
+        console.print_exception()
+    message = " ".join(str(exc).split()) or "(no message)"
+    if len(message) > 500:
+        message = message[:500] + "..."
+    console.print(
+        f"[red]error:[/] {escape(type(exc).__name__)}: {escape(message)} (run with --debug for the traceback)",
+        soft_wrap=True,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    debug, argv = _debug_flag(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -476,16 +555,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": cmd_migrate,
     }
     try:
-        _set_threads(args)
-        return handlers[args.command](args, console)
+        with watch_interrupts():
+            _set_threads(args)
+            code = handlers[args.command](args, console)
+            if not interrupted():
+                return code
+            # A library swallowed the interrupt and the command ran on: it still did not finish as asked.
+            raise KeyboardInterrupt
     except BenchmarkError as exc:
-        console.print("[red]error:[/]", escape(str(exc)))
+        if debug:
+            console.print_exception()
+        console.print("[red]error:[/]", escape(str(exc)), soft_wrap=True)
         return 2
+    except Exception as exc:  # the safety net: each bad input has its own check, this catches the rest
+        return _unexpected(exc, console, debug=debug)
     except KeyboardInterrupt:
         if args.command == "suite":
             console.print("[red]interrupted:[/] finished cells are kept; run the same command again to resume")
-        else:
-            console.print("[red]interrupted:[/] no partial result was written")
+        elif args.command != "run":  # run says itself which records it kept
+            console.print("[red]interrupted[/]")
         return 130
 
 

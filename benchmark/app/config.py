@@ -17,7 +17,7 @@ from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import default_cache_dir
-from benchmark.kernel.convert import convert
+from benchmark.kernel.convert import SEED_RANGE, convert, out_of_range
 from benchmark.kernel.errors import ConfigError
 from benchmark.kernel.registry import RegistryError
 from benchmark.pipeline.data.base import DATASETS, DatasetSpec
@@ -44,8 +44,10 @@ class RunConfig:
     )
     dataset: str = field(default="scenes", metadata={"help": "dataset registry name"})
     dataset_path: Path | None = field(default=None, metadata={"help": "folder for --dataset folder"})
-    dataset_size: int | None = field(default=None, metadata={"help": "images in the pool (None: dataset default)"})
-    resolution: int = field(default=16, metadata={"help": "image side in pixels"})
+    dataset_size: int | None = field(
+        default=None, metadata={"help": "images in the pool (None: dataset default)", "min": 1}
+    )
+    resolution: int = field(default=16, metadata={"help": "image side in pixels", "min": 1})
     model: str = field(default="tiny", metadata={"help": "tiny (embedded) or sd15 (local folder)"})
     model_path: Path | None = field(default=None, metadata={"help": "local diffusers folder for --model sd15"})
     defense: str = field(
@@ -77,29 +79,45 @@ class RunConfig:
         default=QueryAccess.TEXT, metadata={"help": "text (the paper's attack) or img2img (recorded separately)"}
     )
     img2img_strength: float = field(
-        default=0.5, metadata={"help": "noise strength of img2img queries, in (0, 1]", "aliases": ("--strength",)}
+        default=0.5,
+        metadata={
+            "help": "noise strength of img2img queries, in (0, 1]",
+            "aliases": ("--strength",),
+            "above": 0,
+            "max": 1,
+        },
     )
     shadow: ShadowMode = field(
         default=ShadowMode.AWARE, metadata={"help": "aware: the shadow uses the target's defense; naive: it does not"}
     )
     public: int = field(
         default=2000,
-        metadata={"help": "public split size (pretrains the tiny model, the cnn encoder and the tiny captioner)"},
+        metadata={
+            "help": "public split size (pretrains the tiny model, the cnn encoder and the tiny captioner)",
+            # 0 is fine where nothing trains on it; the components that do say so in their own checks.
+            "min": 0,
+        },
     )
     members: int = field(
-        default=32, metadata={"help": "target members (fine-tuning set size); sets --shadow-members too"}
+        default=32, metadata={"help": "target members (fine-tuning set size); sets --shadow-members too", "min": 1}
     )
-    nonmembers: int = field(default=64, metadata={"help": "target non-members queried by the attack"})
-    shadow_members: int = field(default=32, metadata={"help": "shadow model members (follows --members unless given)"})
-    shadow_nonmembers: int = field(default=64, metadata={"help": "shadow non-members held out by the attacker"})
-    utility: int = field(default=100, metadata={"help": "utility-eval captions/images (one generation each)"})
+    nonmembers: int = field(default=64, metadata={"help": "target non-members queried by the attack", "min": 1})
+    shadow_members: int = field(
+        default=32, metadata={"help": "shadow model members (follows --members unless given)", "min": 1}
+    )
+    shadow_nonmembers: int = field(
+        default=64, metadata={"help": "shadow non-members held out by the attacker", "min": 1}
+    )
+    utility: int = field(default=100, metadata={"help": "utility-eval captions/images (one generation each)", "min": 0})
     generations_per_query: int = field(
-        default=3, metadata={"help": "images generated per query (paper: 3)", "aliases": ("--generations",)}
+        default=3, metadata={"help": "images generated per query (paper: 3)", "aliases": ("--generations",), "min": 1}
     )
-    query_batch: int = field(default=128, metadata={"help": "queries per call to the model (x generations images)"})
+    query_batch: int = field(
+        default=128, metadata={"help": "queries per call to the model (x generations images)", "min": 1}
+    )
     bootstrap_resamples: int = field(
         default=1000,
-        metadata={"help": "bootstrap resamples for the 95% intervals (0: none)", "aliases": ("--bootstrap",)},
+        metadata={"help": "bootstrap resamples for the 95% intervals (0: none)", "aliases": ("--bootstrap",), "min": 0},
     )
     baseline: bool = field(default=True, metadata={"help": "also run the model-free baseline (should sit at AUC 0.5)"})
     encoder_training: EncoderTraining = field(
@@ -137,9 +155,12 @@ class RunConfig:
             "aliases": {"num_inference_steps": ("--inference-steps",)},
         },
     )
-    seed: int = field(default=0, metadata={"help": "run seed (splits of the private pool, training, sampling)"})
+    seed: int = field(
+        default=0, metadata={"help": "run seed (splits of the private pool, training, sampling)", **SEED_RANGE}
+    )
     public_seed: int = field(
-        default=0, metadata={"help": "seed of the public split (keep it fixed to share base models across runs)"}
+        default=0,
+        metadata={"help": "seed of the public split (keep it fixed to share base models across runs)", **SEED_RANGE},
     )
     control: bool = field(default=True, metadata={"help": "also attack the base model (should sit near AUC 0.5)"})
     utility_metrics: bool = field(
@@ -147,7 +168,7 @@ class RunConfig:
     )
     clip_model: Path | None = field(default=None, metadata={"help": "local CLIP folder (None: the reference model)"})
     fid_weights: Path | None = field(default=None, metadata={"help": "Inception weights for FID/KID (torch-fidelity)"})
-    kid_subset_size: int = field(default=50, metadata={"help": "KID subset size (<= utility samples)"})
+    kid_subset_size: int = field(default=50, metadata={"help": "KID subset size (<= utility samples)", "min": 1})
     reference_clip: ReferenceClipTraining = field(
         default=ReferenceClipTraining(),
         metadata={"help": "the reference CLIP model of the utility metrics (trained on the public split)"},
@@ -186,23 +207,7 @@ class RunConfig:
             resolve(self.defense, self.defense_args)
         except RegistryError as exc:
             raise ConfigError(str(exc)) from None
-        positive = {
-            "resolution": self.resolution,
-            "members": self.members,
-            "nonmembers": self.nonmembers,
-            "shadow_members": self.shadow_members,
-            "shadow_nonmembers": self.shadow_nonmembers,
-            "generations_per_query": self.generations_per_query,
-            "query_batch": self.query_batch,
-            "finetune.epochs": self.finetune.epochs,
-            "finetune.batch_size": self.finetune.batch_size,
-            "sampling.num_inference_steps": self.sampling.num_inference_steps,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.finetune.learning_rate <= 0:
-            raise ConfigError(f"finetune.learning_rate must be > 0, got {self.finetune.learning_rate}")
+        self.check_ranges()
         DATASETS.check(
             self.dataset,
             DatasetSpec(self.dataset, resolution=self.resolution, path=self.dataset_path, size=self.dataset_size),
@@ -212,6 +217,19 @@ class RunConfig:
         if self.utility_metrics:
             check_settings(self.utility_settings, samples=self.utility)
         return self
+
+    def check_ranges(self) -> None:
+        """Every number within the range declared next to its field (`min`, `max`, `above`, `below`).
+
+        Raises:
+            ConfigError: naming the first bad setting by its flag, its value and the allowed range.
+        """
+        bad = out_of_range(self)
+        if bad:
+            path, value, allowed = bad[0]
+            flag = "--" + path.replace("_", "-")
+            more = f" (and {len(bad) - 1} more setting(s) out of range)" if len(bad) > 1 else ""
+            raise ConfigError(f"{flag} must be {allowed}, got {value!r}; pass a value in range{more}")
 
     @property
     def utility_settings(self) -> UtilitySettings:
@@ -223,11 +241,7 @@ class RunConfig:
         )
 
     def validate_attack(self) -> None:
-        """The attack's settings: budgets, the shadow's member-set size, encoder and captioner folders."""
-        if self.bootstrap_resamples < 0:
-            raise ConfigError(f"bootstrap_resamples must be >= 0, got {self.bootstrap_resamples}")
-        if not 0.0 < self.img2img_strength <= 1.0:
-            raise ConfigError(f"img2img strength must be in (0, 1], got {self.img2img_strength}")
+        """The attack's settings: the shadow's member-set size, encoder and captioner folders."""
         from_target = int(round(self.shadow_members * self.scenario.auxiliary_member_overlap))
         if from_target > self.members:
             raise ConfigError(

@@ -106,7 +106,9 @@ def reproduce(
         results_dir: where the recomputed record goes (None: a temporary folder, removed).
 
     Raises:
-        RecordError: the file is not a valid record.
+        RecordError: the file is not a valid record (`read_record`: not a regular file, over
+            `MAX_RECORD_BYTES`, invalid, or figures that contradict its own per-query scores);
+            nothing is run.
         ReproductionError: its configuration cannot be run here.
     """
 

@@ -18,9 +18,10 @@ from attacks.scenarios import Scenario
 from benchmark.app import stages
 from benchmark.app.cell import ROC_SUFFIX, cell_record
 from benchmark.app.config import RunConfig
-from benchmark.kernel.cache import rebuild_log
+from benchmark.kernel.cache import check_cache_dir, rebuild_log
+from benchmark.kernel.leftovers import sweep
 from benchmark.kernel.progress import StageTimer
-from benchmark.pipeline.records import ResultRecord, check_writable, write_attachment, write_record
+from benchmark.pipeline.records import TEMP_TAG, ResultRecord, check_writable, write_attachment, write_record
 
 
 @dataclass
@@ -47,6 +48,7 @@ def run_matrix(
     attack_models: Sequence[str] | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    written: list[RunOutcome] | None = None,
 ) -> list[RunOutcome]:
     """Run every (scenario, attack model) cell against one fine-tuned target; one record per cell.
 
@@ -57,12 +59,16 @@ def run_matrix(
     Args:
         scenarios: default: `config.scenario` alone.
         attack_models: default: `config.attack_model` alone.
+        written: if given, each outcome is appended as soon as its record is on disk, so a
+            caller that is interrupted can say which records were kept.
     """
     scenarios = tuple(dict.fromkeys(scenarios or (config.scenario,)))
     attack_models = tuple(dict.fromkeys(attack_models or (config.attack_model,)))
     cells = {(s, a): config.replace(scenario=s, attack_model=a).validate() for s in scenarios for a in attack_models}
     config = cells[(scenarios[0], attack_models[0])]
     check_writable(config.results_dir)
+    check_cache_dir(config.cache_path)
+    sweep(config.results_dir, TEMP_TAG, recursive=True)
     torch.manual_seed(config.seed)
     outcomes: list[RunOutcome] = []
     with StageTimer(console, show=show_progress) as timer, rebuild_log() as rebuilt:
@@ -79,13 +85,11 @@ def run_matrix(
             for record, _ in records:
                 # A cache entry that failed its content check was rebuilt: the record says so.
                 record.notes.extend(rebuilt)
-            outcomes += _write(records, config.results_dir)
-    return outcomes
-
-
-def _write(records: list[tuple[ResultRecord, bytes]], results_dir: Path) -> list[RunOutcome]:
-    outcomes = []
-    for record, plot in records:
-        path = write_record(record, results_dir)
-        outcomes.append(RunOutcome(record, path, write_attachment(path, record.run_id, ROC_SUFFIX, plot)))
+            for record, plot in records:
+                # Listed as soon as the record exists: an interrupt between here and the plot keeps it.
+                outcome = RunOutcome(record, write_record(record, config.results_dir))
+                outcomes.append(outcome)
+                if written is not None:
+                    written.append(outcome)
+                outcome.plot_path = write_attachment(outcome.path, record.run_id, ROC_SUFFIX, plot)
     return outcomes

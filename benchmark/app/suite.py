@@ -26,7 +26,7 @@ from rich.console import Console
 from attacks.scenarios import Scenario
 from benchmark.app import runner
 from benchmark.app.config import RunConfig, upgrade_config_dict
-from benchmark.kernel.cache import cache_key
+from benchmark.kernel.cache import cache_key, check_cache_dir
 from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.records import RecordError, check_writable, read_record
 
@@ -95,7 +95,13 @@ def cell_key(config: RunConfig | dict[str, Any]) -> str:
 
 
 def finished_cells(results_dir: Path) -> set[str]:
-    """Keys of the cells that have a valid record under `results_dir` (invalid files do not count)."""
+    """Keys of the cells that have a valid record under `results_dir` (invalid files do not count).
+
+    Files are read by `read_record`, which refuses without blocking anything but a
+    regular file within `MAX_RECORD_BYTES` whose figures follow from its own scores:
+    a FIFO, a link to a device, an oversized, nested, forged or foreign file never
+    marks a cell done, so that cell is run again.
+    """
     done: set[str] = set()
     if not Path(results_dir).is_dir():
         return done
@@ -112,7 +118,8 @@ def finished_cells(results_dir: Path) -> set[str]:
         if memo not in _VALIDATED:
             try:
                 _VALIDATED[memo] = cell_key(read_record(path).config)
-            except (RecordError, ConfigError):
+            except (RecordError, ConfigError, KeyError, TypeError, ValueError):
+                # Not a record of a cell (ValueError and friends: a configuration no cell can have).
                 _VALIDATED[memo] = None
         key = _VALIDATED[memo]
         if key is not None:
@@ -128,8 +135,7 @@ def unit_lock(results_dir: Path, unit: RunConfig, *, wait: bool) -> Iterator[boo
     """Hold the unit's lock; yields False (without waiting) when another process holds it and `wait` is off."""
     name = cache_key({"defense": unit.defense, "seed": unit.seed, "cell": cell_key(unit)})
     path = Path(results_dir) / LOCK_DIR / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -144,6 +150,26 @@ def unit_lock(results_dir: Path, unit: RunConfig, *, wait: bool) -> Iterator[boo
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor; damaged lock state (a folder or a file in the way) is a clear error.
+
+    Lock files hold no state worth keeping (the kernel holds the lock itself), so the fix is always to remove them.
+
+    Raises:
+        ConfigError: naming the path and the fix.
+    """
+    fix = f"remove {path.parent} (lock files are recreated; make sure no other suite uses this --results-dir)"
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"suite lock folder {path.parent} is not a folder; {fix}")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise ConfigError(f"suite lock {path} is not a regular file; {fix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"suite lock {path} cannot be opened ({exc.strerror or exc}); {fix}") from None
 
 
 def run_suite(
@@ -166,6 +192,7 @@ def run_suite(
     results_dir = spec.config.results_dir
     units = spec.units()
     check_writable(results_dir)
+    check_cache_dir(spec.config.cache_path)
     report = SuiteReport()
     start = time.perf_counter()
     pending: list[RunConfig] = []

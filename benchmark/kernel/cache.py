@@ -11,6 +11,7 @@ warning, never trusted, and the rebuild is reported to whoever listens
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -26,10 +27,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from benchmark.kernel.errors import CacheError
+from benchmark.kernel.leftovers import sweep, temp_prefix
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CACHE_ENV = "BENCHMARK_CACHE_DIR"
 COMPLETE_MARKER = "cache-entry.json"
+STAGING_TAG = "stage"
 _READ_CHUNK = 1 << 20
 
 
@@ -129,8 +134,13 @@ def cached(
         shutil.rmtree(entry, ignore_errors=True)
     elif entry.exists():
         shutil.rmtree(entry, ignore_errors=True)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # Staging folders of builds killed before they finished (SIGKILL skips every cleanup).
+        sweep(entry.parent, STAGING_TAG)
+        staging = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(STAGING_TAG)}{key}-", dir=entry.parent))
+    except OSError as exc:
+        raise _unwritable(cache_dir, exc) from None
     try:
         build(staging)
         marker = {"kind": kind, "inputs": inputs, "files": content_manifest(staging)}
@@ -140,10 +150,51 @@ def cached(
         except OSError:
             # Another process finished the same entry first; theirs is as good as ours.
             shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in _FULL_OR_READ_ONLY:
+            raise _unwritable(cache_dir, exc) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load(entry), False, entry
+
+
+# A build that fails with these failed for want of disk, not for a bug: say which folder and what to do.
+_FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _unwritable(cache_dir: Path, exc: OSError) -> CacheError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there, or pass another --cache-dir (or set BENCHMARK_CACHE_DIR)"
+    else:
+        fix = f"pass a writable folder with --cache-dir (or set {CACHE_ENV})"
+    return CacheError(f"cache folder {cache_dir} cannot be written ({exc.strerror or exc}); {fix}")
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Fail before any training if the cache folder cannot take entries (a file, read-only).
+
+    Folders made only for the probe are removed again: a check leaves nothing behind.
+
+    Raises:
+        CacheError: naming the folder, `--cache-dir` and BENCHMARK_CACHE_DIR.
+    """
+    cache_dir = Path(cache_dir)
+    missing = [p for p in (cache_dir, *cache_dir.parents) if not p.exists()]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=cache_dir):
+            pass
+    except OSError as exc:
+        raise _unwritable(cache_dir, exc) from None
+    finally:
+        for folder in missing:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def cached_json(

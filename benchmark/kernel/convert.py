@@ -188,3 +188,46 @@ def _dataclass(raw: object, hint: type) -> Any:
 def _words(camel: str) -> str:
     """`QueryAccess` -> `query access`, for messages that read like the flag's own words."""
     return re.sub(r"(?<!^)(?=[A-Z])", " ", camel).lower()
+
+
+# Field metadata keys that bound a number, checked for every field by `out_of_range`:
+# min / max are inclusive, above / below exclusive. Declared next to the field, once.
+_BOUNDS = {"min": ">=", "above": ">", "max": "<=", "below": "<"}
+
+
+def out_of_range(obj: Any, *, prefix: str = "") -> list[tuple[str, object, str]]:
+    """Every field of the dataclass `obj` (nested dataclasses included) outside its declared bounds.
+
+    A field declares its range in its metadata (`field(metadata={"min": 1})`); None
+    (an optional setting left unset) is never out of range, and a nan or infinite
+    float always is.
+
+    Returns:
+        (dotted path, value, what it must be) for each bad field, e.g.
+        ("finetune.learning_rate", 0.0, "> 0"), in field order.
+    """
+    bad: list[tuple[str, object, str]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = prefix + f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            bad += out_of_range(value, prefix=f"{path}.")
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        bounds = [(op, f.metadata[key]) for key, op in _BOUNDS.items() if key in f.metadata]
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append((path, value, "a finite number"))
+            continue
+        failed = [
+            f"{op} {limit}"
+            for op, limit in bounds
+            if not {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
+        ]
+        if failed:
+            bad.append((path, value, " and ".join(f"{op} {limit}" for op, limit in bounds)))
+    return bad
+
+
+# numpy's seeding takes 0 .. 2**32 - 1; a seed outside breaks deep inside a run.
+SEED_RANGE: dict[str, int] = {"min": 0, "max": 2**32 - 1}

@@ -19,3 +19,7 @@ class PluginError(BenchmarkError):
 
 class DefenseError(BenchmarkError):
     """A defense that cannot be built or that failed while fine-tuning."""
+
+
+class CacheError(BenchmarkError):
+    """A cache folder that cannot be written: a file, read-only, or full."""

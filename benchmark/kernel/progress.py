@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from benchmark.kernel.interrupts import raise_if_interrupted
+
 Advance = Callable[[int], None]
 
 
@@ -38,6 +40,8 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        # Stage boundaries are where an interrupt that a library swallowed surfaces again.
+        raise_if_interrupted()
         task = self._progress.add_task(name, total=total, info="")
         start = time.perf_counter()
 
@@ -45,6 +49,7 @@ class StageTimer:
             if total is not None:
                 self._progress.update(task, total=total)
             self._progress.update(task, advance=steps, info=info)
+            raise_if_interrupted()
 
         try:
             yield advance
@@ -54,3 +59,4 @@ class StageTimer:
                 self._progress.update(task, total=1, completed=1)
             else:
                 self._progress.update(task, completed=self._progress.tasks[task].total)
+        raise_if_interrupted()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from benchmark.kernel.convert import SEED_RANGE
 from benchmark.pipeline.models.diffusion import DiffusionModel
 
 
@@ -23,20 +24,22 @@ from benchmark.pipeline.models.diffusion import DiffusionModel
 class TrainConfig:
     """One fine-tuning (or pretraining) recipe."""
 
-    epochs: int = field(metadata={"help": "passes over the training set"})
-    batch_size: int = field(metadata={"help": "examples per optimizer step"})
-    learning_rate: float = field(metadata={"help": "AdamW learning rate"})
+    epochs: int = field(metadata={"help": "passes over the training set", "min": 1})
+    batch_size: int = field(metadata={"help": "examples per optimizer step", "min": 1})
+    learning_rate: float = field(metadata={"help": "AdamW learning rate", "above": 0})
     seed: int = field(
-        default=0, metadata={"help": "seeds training noise, batch order and a defense's changes to the data"}
+        default=0,
+        metadata={"help": "seeds training noise, batch order and a defense's changes to the data", **SEED_RANGE},
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
     caption_dropout: float = field(
-        default=0.0, metadata={"help": "fraction of captions replaced by the empty caption (for guidance)"}
+        default=0.0,
+        metadata={"help": "fraction of captions replaced by the empty caption (for guidance)", "min": 0, "below": 1},
     )
     train_text_encoder: bool = field(default=False, metadata={"help": "also train the text encoder"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up", "min": 0})
     max_grad_norm: float | None = field(
-        default=None, metadata={"help": "clip the gradient to this norm (None: no clipping)"}
+        default=None, metadata={"help": "clip the gradient to this norm (None: no clipping)", "above": 0}
     )
 
     def to_dict(self) -> dict[str, object]:

@@ -16,6 +16,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 Curve = tuple[np.ndarray, np.ndarray]  # (labels, membership scores)
 
 
+def plain_text(text: object) -> str:
+    """`text` as matplotlib should draw it, verbatim.
+
+    Names come from records and plugins: a `$...$` in one would be parsed as
+    mathtext, and a formula matplotlib cannot parse aborts the whole figure.
+    Every `$` escaped means no mathtext (matplotlib draws `\\$` as `$`).
+    """
+    return str(text).replace("$", r"\$")
+
+
 def roc_plot_png(curves: Mapping[str, Curve], *, title: str) -> bytes:
     """Render one log-log ROC per named curve (first curve emphasised) to PNG bytes."""
     # A bare Figure renders through Agg without pyplot's global state or a display.
@@ -37,7 +47,7 @@ def roc_plot_png(curves: Mapping[str, Curve], *, title: str) -> bytes:
             np.maximum(tpr, floor / 2),
             where="post",
             linewidth=2.0 if i == 0 else 1.2,
-            label=f"{name} (AUC {auc:.3f})",
+            label=f"{plain_text(name)} (AUC {auc:.3f})",
         )
     grid = np.logspace(np.log10(smallest), 0, 50)
     axes.plot(grid, grid, linestyle="--", color="grey", linewidth=0.8, label="chance")
@@ -47,7 +57,7 @@ def roc_plot_png(curves: Mapping[str, Curve], *, title: str) -> bytes:
     axes.set_ylim(smallest / 2, 1.05)
     axes.set_xlabel("false-positive rate")
     axes.set_ylabel("true-positive rate")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(plain_text(title), fontsize=9)
     axes.legend(loc="lower right", fontsize=7)
     axes.grid(True, which="major", alpha=0.3)
     figure.tight_layout()

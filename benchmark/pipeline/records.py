@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import re
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -21,11 +22,21 @@ from typing import Any, ClassVar
 import jsonschema
 
 from benchmark.kernel.errors import BenchmarkError, ConfigError
+from benchmark.kernel.leftovers import temp_prefix
 from benchmark.kernel.version import __version__
-from benchmark.pipeline.privacy_metrics import BootstrapSpec, PrivacyMetrics, TprAtFpr
+from benchmark.pipeline.privacy_metrics import BootstrapSpec, PrivacyMetrics, TprAtFpr, privacy_metrics
 
 SCHEMA_VERSION = 2
+# Temporary record files are `.tmp-<host>-<pid>-*` (benchmark.kernel.leftovers sweeps dead writers' ones).
+TEMP_TAG = "tmp"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "result.schema.json"
+# A real record is 60-95 KB; a larger file is refused unread (a 109 MB one took the leaderboard from 1 s
+# to 84 s and 955 MB).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+# Real records nest 8 deep; free-form component details get room, a hostile file does not.
+MAX_NESTING = 64
+# Stored figures must equal those recomputed from the stored per-query evidence to within this.
+CONSISTENCY_TOLERANCE = 1e-9
 
 
 class RecordError(BenchmarkError):
@@ -422,14 +433,15 @@ class ResultRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "record") -> ResultRecord:
-        """The one reader of a record: validated against the schema, then typed.
+        """The one reader of a record: validated against the schema, typed, then checked for consistency.
 
         Raises:
-            RecordError: the data is not a valid record of this schema version.
+            RecordError: the data is not a valid record of this schema version, or its
+                figures disagree with its own per-query evidence (`check_consistency`).
         """
         data = validate(data, source=source)
         control, baseline, utility = data.get("control"), data.get("baseline"), data.get("utility")
-        return cls(
+        record = cls(
             run_id=data["run_id"],
             provenance=Provenance(**{"platform": "", **data["provenance"]}),
             seeds=dict(data["seeds"]),
@@ -447,6 +459,69 @@ class ResultRecord:
             notes=list(data.get("notes") or []),
             schema_version=data["schema_version"],
         )
+        check_consistency(record, source=source)
+        return record
+
+
+def check_consistency(record: ResultRecord, *, source: str = "record") -> None:
+    """Refuse a record that says two things: its privacy figures must follow from its per-query evidence.
+
+    AUC, balanced accuracy, the member and non-member counts and each TPR at FPR
+    (with its realised FPR, threshold and support) are recomputed from the stored
+    `attack.labels`, `attack.membership_scores` and `attack.predictions` and must
+    agree within `CONSISTENCY_TOLERANCE`; the bootstrap intervals are not
+    recomputed (too slow for a reader). The control and the baseline store no
+    per-query scores of their own, so only their member and non-member counts are
+    checked against the labels they were computed on.
+
+    Raises:
+        RecordError: naming the field, its stored and its recomputed value.
+    """
+    attack, privacy = record.attack, record.privacy
+    lengths = {
+        "labels": len(attack.labels),
+        "membership_scores": len(attack.membership_scores),
+        "predictions": len(attack.predictions),
+        "query_ids": len(attack.query_ids),
+    }
+    if len(set(lengths.values())) != 1:
+        counts = ", ".join(f"{k} {v}" for k, v in lengths.items())
+        raise RecordError(f"{source}: attack: per-query lists differ in length ({counts}); the record is corrupt")
+    try:
+        fresh = privacy_metrics(
+            attack.labels,
+            attack.membership_scores,
+            attack.predictions,
+            fprs=tuple(t.target_fpr for t in privacy.tpr_at_fpr),
+            bootstrap=None,
+        )
+    except ValueError as exc:
+        raise RecordError(f"{source}: attack: cannot recompute the privacy figures ({exc})") from None
+    pairs: list[tuple[str, object, object]] = [
+        ("privacy/auc", privacy.auc, fresh.auc),
+        ("privacy/balanced_accuracy", privacy.balanced_accuracy, fresh.balanced_accuracy),
+        ("privacy/n_members", privacy.n_members, fresh.n_members),
+        ("privacy/n_nonmembers", privacy.n_nonmembers, fresh.n_nonmembers),
+    ]
+    for i, (stored, again) in enumerate(zip(privacy.tpr_at_fpr, fresh.tpr_at_fpr, strict=True)):
+        for name in ("tpr", "realised_fpr", "threshold", "n_nonmembers", "supported"):
+            pairs.append((f"privacy/tpr_at_fpr/{i}/{name}", getattr(stored, name), getattr(again, name)))
+    for home, other in (("control", record.control), ("baseline", record.baseline)):
+        if other is not None:
+            pairs.append((f"{home}/n_members", other.n_members, fresh.n_members))
+            pairs.append((f"{home}/n_nonmembers", other.n_nonmembers, fresh.n_nonmembers))
+    for where, stored, again in pairs:
+        if not _agrees(stored, again):
+            raise RecordError(
+                f"{source}: field {where} is stored as {stored!r} but its per-query scores give {again!r}; "
+                "the record contradicts itself"
+            )
+
+
+def _agrees(stored: object, again: object) -> bool:
+    if isinstance(stored, float) and isinstance(again, float):
+        return math.isclose(stored, again, rel_tol=CONSISTENCY_TOLERANCE, abs_tol=CONSISTENCY_TOLERANCE)
+    return stored == again and type(stored) is type(again)
 
 
 def new_run_id(defense: str, seed: int) -> str:
@@ -510,6 +585,8 @@ def validate(data: object, *, source: str = "record") -> dict[str, Any]:
     """
     if not isinstance(data, dict):
         raise RecordError(f"{source}: a result record must be a JSON object")
+    if _deeper_than(data, MAX_NESTING):
+        raise RecordError(f"{source}: nested deeper than {MAX_NESTING} levels; not a result record")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         hint = (
@@ -529,6 +606,20 @@ def validate(data: object, *, source: str = "record") -> dict[str, Any]:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RecordError(f"{source}: field {where}: {exc.message}") from None
     return data
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether `value` nests more than `limit` containers deep (iterative: no recursion to exhaust)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Any = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _non_finite(value: object, path: str = "") -> str | None:
@@ -639,7 +730,7 @@ def write_atomically(path: Path, data: bytes, *, overwrite: bool = False) -> Non
         RecordError: the file exists (without `overwrite`) or cannot be written.
     """
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(TEMP_TAG), suffix=path.suffix, dir=path.parent)
     except OSError as exc:
         raise RecordError(f"cannot write {path}: {exc}; pass a writable --results-dir") from exc
     try:
@@ -676,23 +767,87 @@ def write_attachment(record_file: Path, run_id: str, suffix: str, data: bytes) -
     return path
 
 
-def load_record(path: Path) -> dict[str, Any]:
-    """Read and validate one result file (JSON only; nothing is unpickled)."""
-    path = Path(path)
+def read_file(path: Path, *, source: str | None = None, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else is refused unread.
+
+    The one safe way to read a results folder: a FIFO named `*.json` would block
+    forever and a link to a device would read until memory runs out, so only
+    regular files (after following links) are opened, without blocking, and at
+    most `limit` + 1 bytes are read.
+
+    Raises:
+        RecordError: the file is missing, not a regular file, larger than `limit`, or unreadable.
+    """
+    source = str(path) if source is None else source
     try:
-        text = path.read_text()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise RecordError(f"{source}: not a regular file; only regular *.json files are read")
+        if info.st_size > limit:
+            raise RecordError(f"{source}: {info.st_size} bytes, over the {limit}-byte limit for a record")
+        # Non-blocking: if the name was swapped for a FIFO since the stat, opening it must not wait.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except RecordError:
+        raise
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc})") from exc
+        raise RecordError(f"{source}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     try:
-        data = json.loads(text)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"{source}: not a regular file; only regular *.json files are read")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise RecordError(f"{source}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise RecordError(f"{source}: over the {limit}-byte limit for a record")
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes, *, source: str) -> object:
+    """JSON from a file's bytes (UTF-8); `validate` then refuses NaN, infinities and deep nesting.
+
+    Raises:
+        RecordError: naming what is wrong.
+    """
+    corrupt = "the file is corrupt: delete it and re-run that configuration"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordError(f"{source}: not UTF-8 text; {corrupt}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RecordError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt: "
-            "delete it and re-run that configuration"
-        ) from None
-    return validate(data, source=str(path))
+        raise RecordError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); {corrupt}") from None
+    except RecursionError:
+        raise RecordError(f"{source}: nested deeper than {MAX_NESTING} levels; not a result record") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit
+        raise RecordError(f"{source}: not valid JSON ({exc}); {corrupt}") from None
 
 
-def read_record(path: Path) -> ResultRecord:
-    """Read, validate and type one result file."""
-    return ResultRecord.from_dict(load_record(path), source=str(path))
+def load_record(path: Path, *, source: str | None = None) -> dict[str, Any]:
+    """Read (`read_file`: regular files within `MAX_RECORD_BYTES` only) and validate one result file.
+
+    JSON only; nothing is unpickled.
+
+    Raises:
+        RecordError: the file is unreadable, not a record, or invalid.
+    """
+    source = str(path) if source is None else source
+    return validate(parse_json(read_file(Path(path), source=source), source=source), source=source)
+
+
+def read_record(path: Path, *, source: str | None = None) -> ResultRecord:
+    """Read, validate, type and check one result file: the reader of the leaderboard, the suite and `reproduce`.
+
+    Raises:
+        RecordError: as `load_record`, or the record contradicts its own evidence (`check_consistency`).
+    """
+    source = str(path) if source is None else source
+    return ResultRecord.from_dict(load_record(path, source=source), source=source)

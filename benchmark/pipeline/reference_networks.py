@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.kernel.cache import cached
+from benchmark.kernel.convert import SEED_RANGE
 from benchmark.kernel.errors import ConfigError, ModelError
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tokenizer
 
@@ -35,21 +36,27 @@ INCEPTION_FEATURES = 2048
 class ReferenceClipTraining:
     """Architecture and training of the reference CLIP model (trained on the public split)."""
 
-    image_size: int = field(default=16, metadata={"help": "image side the vision tower sees (images are resized)"})
-    patch_size: int = field(default=4, metadata={"help": "vision patch side in pixels"})
-    hidden_size: int = field(default=64, metadata={"help": "width of both towers"})
-    layers: int = field(default=2, metadata={"help": "transformer layers per tower"})
-    heads: int = field(default=2, metadata={"help": "attention heads per layer"})
-    projection_dim: int = field(default=64, metadata={"help": "size of the shared image-text embedding"})
-    max_caption_tokens: int = field(default=32, metadata={"help": "captions are cut to this many tokens"})
-    tokenizer_vocab_size: int = field(default=400, metadata={"help": "word-level vocabulary size"})
-    steps: int = field(default=200, metadata={"help": "contrastive training steps"})
-    batch_size: int = field(default=128, metadata={"help": "image-caption pairs per step"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (one-cycle schedule)"})
-    held_out_fraction: float = field(
-        default=0.1, metadata={"help": "fraction held out for the zero-shot retrieval figure"}
+    image_size: int = field(
+        default=16, metadata={"help": "image side the vision tower sees (images are resized)", "min": 1}
     )
-    seed: int = field(default=0, metadata={"help": "seeds initialisation, shuffling and the held-out draw"})
+    patch_size: int = field(default=4, metadata={"help": "vision patch side in pixels", "min": 1})
+    hidden_size: int = field(default=64, metadata={"help": "width of both towers", "min": 1})
+    layers: int = field(default=2, metadata={"help": "transformer layers per tower", "min": 1})
+    heads: int = field(default=2, metadata={"help": "attention heads per layer", "min": 1})
+    projection_dim: int = field(default=64, metadata={"help": "size of the shared image-text embedding", "min": 1})
+    max_caption_tokens: int = field(default=32, metadata={"help": "captions are cut to this many tokens", "min": 1})
+    tokenizer_vocab_size: int = field(default=400, metadata={"help": "word-level vocabulary size", "min": 1})
+    steps: int = field(default=200, metadata={"help": "contrastive training steps", "min": 1})
+    batch_size: int = field(default=128, metadata={"help": "image-caption pairs per step", "min": 1})
+    learning_rate: float = field(
+        default=3e-3, metadata={"help": "peak AdamW learning rate (one-cycle schedule)", "above": 0}
+    )
+    held_out_fraction: float = field(
+        default=0.1, metadata={"help": "fraction held out for the zero-shot retrieval figure", "min": 0, "below": 1}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seeds initialisation, shuffling and the held-out draw", **SEED_RANGE}
+    )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -421,7 +428,12 @@ def check_fid_weights(path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the same user error
-        raise ConfigError(f"--fid-weights {path} is not a PyTorch weights file: {exc}") from None
+        # torch's own message runs to paragraphs and suggests weights_only=False, which this refuses on purpose.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise ConfigError(
+            f"--fid-weights {path} is not a PyTorch weights file of tensors only ({reason}); give torch-fidelity's "
+            "FID Inception weights (pt_inception-2015-12-05-6726825d.pth)"
+        ) from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None or tuple(fc.shape)[-1] != INCEPTION_FEATURES:
         shape = None if fc is None else tuple(fc.shape)

@@ -19,9 +19,9 @@ import numpy as np
 class SamplingConfig:
     """How the provider samples images for a query (paper: 30 DDIM steps, guidance 7.5)."""
 
-    num_inference_steps: int = field(default=20, metadata={"help": "DDIM steps per generation"})
-    guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)"})
-    batch_size: int = field(default=256, metadata={"help": "images per call to the model when sampling"})
+    num_inference_steps: int = field(default=20, metadata={"help": "DDIM steps per generation", "min": 1})
+    guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: none)", "min": 0})
+    batch_size: int = field(default=256, metadata={"help": "images per call to the model when sampling", "min": 1})
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -29,10 +30,17 @@ class FolderDataset:
         files: list[str] = []
         captions: list[str] = []
         seen: set[str] = set()
-        for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, raw in enumerate(meta.read_bytes().splitlines(), start=1):
+            where = f"{meta}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
+                    "save metadata.jsonl as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{meta}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -52,13 +60,7 @@ class FolderDataset:
                 raise DatasetError(f"{where}: {file_name!r} points outside the dataset folder")
             if not path.is_file():
                 raise DatasetError(f"{where}: image {file_name!r} not found in {root}")
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise DatasetError(
-                    f"{where}: image {file_name!r} is unreadable ({exc}); replace or remove it"
-                ) from None
+            _check_image(path, where, file_name)
             files.append(file_name)
             captions.append(text.strip())
         if not files:
@@ -106,6 +108,31 @@ def _load(path: Path, resolution: int) -> np.ndarray:
         array = np.asarray(im, dtype=np.float32) / 255.0
     array.setflags(write=False)
     return array
+
+
+def _check_image(path: Path, where: str, file_name: str) -> None:
+    """Decode the whole image, as training will: a header check passes truncated files.
+
+    An image larger than PIL's `Image.MAX_IMAGE_PIXELS` is refused as a possible
+    decompression bomb (PIL only warns below twice that size).
+
+    Raises:
+        DatasetError: naming the line and the file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:  # verify() leaves the image unusable: open it again to decode
+                im.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DatasetError(
+            f"{where}: image {file_name!r} is too large to decode safely ({exc}); "
+            "resize it or remove it from metadata.jsonl"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{where}: image {file_name!r} is unreadable ({exc}); replace or remove it") from None
 
 
 def _check_root(root: Path) -> Path:

@@ -19,9 +19,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from benchmark.kernel.errors import ModelError
 from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
+from benchmark.pipeline.models.weights import check_weights
 from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS_SUBFOLDERS = ("unet", "text_encoder", "vae")
 
 # Their per-file bars would drown the benchmark's own progress display.
 diffusers.utils.logging.disable_progress_bar()
@@ -127,6 +129,9 @@ def check_model_folder(path: Path) -> Path:
             f"missing: {', '.join(missing)}. Save one with "
             "StableDiffusionPipeline.save_pretrained(DIR)."
         )
+    for sub in WEIGHTS_SUBFOLDERS:
+        if (path / sub).is_dir():
+            check_weights(path / sub, flag="--model-path")
     return path
 
 
@@ -138,13 +143,13 @@ def load_model(path: Path) -> DiffusionModel:
     """
     path = check_model_folder(path)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
         vae = None
         if (path / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load the diffusers folder {path}: {exc}") from exc
     for module in (unet, text_encoder, vae):
