@@ -26,7 +26,7 @@ from torch import nn
 
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import cached
-from benchmark.kernel.errors import ConfigError, ModelError
+from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.kernel.registry import Registry
 
 
@@ -454,7 +454,7 @@ def inspect_blip_folder(path: Path) -> str:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ModelError(
-            f"captioner folder {path} does not exist; pass --captioner-path DIR, a local BLIP or BLIP-2 "
+            f"captioner folder {path} {why_not_a_folder(path)}; pass --captioner-path DIR, a local BLIP or BLIP-2 "
             "folder saved with save_pretrained; nothing is downloaded"
         )
     config_file = path / "config.json"

@@ -26,7 +26,7 @@ from torch import nn
 
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import cached
-from benchmark.kernel.errors import ConfigError, ModelError
+from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.kernel.registry import Registry
 
 
@@ -323,7 +323,7 @@ def inspect_vision_folder(path: Path) -> VisionFolder:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ModelError(
-            f"encoder folder {path} does not exist; pass --encoder-path DIR, a local transformers vision "
+            f"encoder folder {path} {why_not_a_folder(path)}; pass --encoder-path DIR, a local transformers vision "
             "model (e.g. DeiT saved with save_pretrained); nothing is downloaded"
         )
     if not (path / "config.json").is_file():

@@ -357,3 +357,33 @@ def test_help_documents_debug_and_exit_codes(capsys: pytest.CaptureFixture[str])
         main(["--help"])
     out = capsys.readouterr().out
     assert "--debug" in out and "exit codes" in out
+
+
+@pytest.mark.parametrize(
+    ("flag", "extra", "expected"),
+    [
+        ("--model-path", ["--model", "sd15"], "model folder"),
+        ("--dataset-path", ["--dataset", "folder"], "dataset folder"),
+        ("--encoder-path", ["--encoder", "hf"], "encoder folder"),
+        ("--captioner-path", ["--captioner", "blip", "--scenario", "II"], "captioner folder"),
+        ("--clip-model", [], "--clip-model"),
+    ],
+)
+def test_a_file_where_a_folder_is_needed_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, extra: list[str], expected: str
+) -> None:
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"not a folder")
+    code, err = _run(tmp_path, capsys, *extra, flag, str(a_file))
+    _assert_one_line_error(code, err, expected, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"model_type": "bert"}'])
+def test_clip_model_with_a_bad_config_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: bytes
+) -> None:
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(config)
+    code, err = _run(tmp_path, capsys, "--clip-model", str(folder))
+    _assert_one_line_error(code, err, "--clip-model", str(folder))

@@ -146,7 +146,7 @@ def test_real_images_against_themselves_give_fid_near_zero(tiny_clip_dir: Path) 
 
 
 def test_not_a_clip_folder(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="no such folder"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_clip_folder(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(ModelError, match="not a CLIP model.*'vit'"):
@@ -257,7 +257,7 @@ def test_config_and_cli_flags(tmp_path: Path) -> None:
     _add_run_parser(parser.add_subparsers(dest="command"))
     config = config_from_args(parser.parse_args(["run", "--no-utility", "--clip-model", str(tmp_path)]))
     assert config.utility_metrics is False and config.clip_model == tmp_path
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         config.replace(utility_metrics=True).validate()
 
 

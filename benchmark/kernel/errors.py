@@ -1,5 +1,7 @@
 """Errors a user can act on: each message names the problem and the fix."""
 
+from pathlib import Path
+
 
 class BenchmarkError(Exception):
     """Base class; the CLI prints these without a traceback."""
@@ -23,3 +25,12 @@ class DefenseError(BenchmarkError):
 
 class CacheError(BenchmarkError):
     """A cache folder that cannot be written: a file, read-only, or full."""
+
+
+def why_not_a_folder(path: Path) -> str:
+    """How a path given as a folder falls short, for a message: "is a file, not a folder" or "does not exist"."""
+    if path.is_file():
+        return "is a file, not a folder"
+    if path.exists():
+        return "is not a folder"
+    return "does not exist"

@@ -25,7 +25,7 @@ from torch import nn
 
 from benchmark.kernel.cache import cached
 from benchmark.kernel.convert import SEED_RANGE
-from benchmark.kernel.errors import ConfigError, ModelError
+from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tokenizer
 
 REPORT_FILE = "reference_report.json"
@@ -263,6 +263,35 @@ def reference_clip(
     return bundle
 
 
+def check_clip_folder(folder: Path) -> Path:
+    """The folder, if its config.json names a CLIP model (cheap: no weights are read).
+
+    Raises:
+        ModelError: missing folder, unreadable config.json, or another kind of model.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ModelError(
+            f"--clip-model {folder} {why_not_a_folder(folder)}; give a local CLIP folder (save_pretrained layout)"
+        )
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"--clip-model {folder}: no config.json there; give a local CLIP folder (save_pretrained layout)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"--clip-model {folder}: config.json is not readable JSON ({exc}); replace it") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clip":
+        raise ModelError(
+            f"--clip-model {folder} is not a CLIP model (config.json model_type {model_type!r}, expected 'clip'); "
+            "give a folder such as a local copy of openai/clip-vit-large-patch14"
+        )
+    return folder
+
+
 def load_clip_folder(folder: Path) -> ClipBundle:
     """A local CLIP folder (model + processor, save_pretrained layout); never downloads.
 
@@ -271,16 +300,7 @@ def load_clip_folder(folder: Path) -> ClipBundle:
     """
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ModelError(f"--clip-model {folder}: no such folder; give a local CLIP folder (save_pretrained layout)")
-    config_file = folder / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    if model_type != "clip":
-        raise ModelError(
-            f"--clip-model {folder} is not a CLIP model (config.json model_type {model_type!r}, expected 'clip'); "
-            "give a folder such as a local copy of openai/clip-vit-large-patch14"
-        )
+    folder = check_clip_folder(folder)
     weights = _weights_file(folder)
     try:
         model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()

@@ -30,6 +30,7 @@ from benchmark.pipeline.reference_networks import (
     ClipImageFeatures,
     InceptionFeatures,
     ReferenceClipTraining,
+    check_clip_folder,
     check_fid_weights,
     load_clip_folder,
     reference_clip,
@@ -133,9 +134,7 @@ def check_settings(settings: UtilitySettings, *, samples: int) -> None:
     if settings.fid_weights is not None:
         check_fid_weights(settings.fid_weights)
     if settings.clip_model is not None:
-        folder = Path(settings.clip_model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"--clip-model {folder}: no config.json there; give a local CLIP folder")
+        check_clip_folder(settings.clip_model)
 
 
 def measure(

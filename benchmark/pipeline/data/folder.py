@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from benchmark.kernel.errors import why_not_a_folder
 from benchmark.pipeline.data.base import DatasetError, DatasetSpec, ImageTextDataset, register_dataset
 
 METADATA = "metadata.jsonl"
@@ -139,7 +140,7 @@ def _check_root(root: Path) -> Path:
     """The resolved folder, if it exists and has a metadata file (cheap: no line or image is read)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; pass --dataset-path DIR")
+        raise DatasetError(f"dataset folder {root} {why_not_a_folder(root)}; pass --dataset-path DIR")
     if not (root / METADATA).is_file():
         raise DatasetError(
             f"{root} has no {METADATA}; add one line per image like "

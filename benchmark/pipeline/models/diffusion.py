@@ -17,7 +17,7 @@ import transformers.utils.logging
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from benchmark.kernel.errors import ModelError
+from benchmark.kernel.errors import ModelError, why_not_a_folder
 from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
 from benchmark.pipeline.models.weights import check_weights
 from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
@@ -115,7 +115,7 @@ def check_model_folder(path: Path) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ModelError(
-            f"model folder {path} does not exist. Pass --model-path DIR pointing at a local "
+            f"model folder {path} {why_not_a_folder(path)}. Pass --model-path DIR pointing at a local "
             "diffusers folder (e.g. a copy of stable-diffusion-v1-5 made with save_pretrained); "
             "nothing is downloaded."
         )
