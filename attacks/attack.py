@@ -13,8 +13,16 @@ from attacks.attack_models import ATTACK_MODELS, AttackModel
 from attacks.captioners import Captioner
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, ImageEncoder
+from attacks.families import (
+    ATTACK_FAMILIES,
+    DEFAULT_FAMILY,
+    Access,
+    AttackFamily,
+    QueryCost,
+    register_attack_family,
+)
 from attacks.scenarios import QueryAccess, Scenario
-from benchmark.pipeline.target import BlackBoxTarget
+from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
 ProgressFn = Callable[[int], None]
 
@@ -32,6 +40,9 @@ class AttackConfig:
     # Queries per call to the target: the model sees query_batch x generations images at once.
     query_batch: int = 128
     seed: int = 0
+    # The attack family (`attacks.families`) and its hyperparameter overrides (KEY=VALUE pairs).
+    attack: str = DEFAULT_FAMILY
+    attack_args: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.generations_per_query < 1:
@@ -43,6 +54,11 @@ class AttackConfig:
         ATTACK_MODELS.get(self.attack_model)
         ENCODERS.get(self.encoder)
         DISTANCES.get(self.distance)
+        ATTACK_FAMILIES.get(self.attack)
+
+    def family(self) -> AttackFamily:
+        """The attack family with this configuration's hyperparameters."""
+        return ATTACK_FAMILIES.get(self.attack).from_args(self.attack_args)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -79,6 +95,8 @@ class ScoredQueries:
     images_generated: int
     seconds_in_model: float
     seconds_total: float
+    # UNet evaluations the scoring spent (counted by gray-box targets; 0 where not counted).
+    unet_calls: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -146,6 +164,53 @@ def score_queries(
         seconds_in_model=target.seconds_generating - before_s,
         seconds_total=time.perf_counter() - started,
     )
+
+
+@dataclass(frozen=True)
+class PangWangParams:
+    """Pang & Wang's attack has no settings of its own beyond the run's: --encoder, --distance,
+    --generations and (img2img) --strength; `PangWang.hyperparameters` records those."""
+
+
+@register_attack_family("pang-wang")
+class PangWang(AttackFamily):
+    """Pang & Wang (NDSS'25): similarity of the query image to generations from its caption."""
+
+    version = "1"
+    Params = PangWangParams
+
+    def access(self, query_access: QueryAccess) -> Access:
+        return Access.BLACK_BOX_IMG2IMG if query_access is QueryAccess.IMAGE_TO_IMAGE else Access.BLACK_BOX
+
+    def cost_per_query(self, config: AttackConfig, sampling: SamplingConfig) -> QueryCost:
+        m = config.generations_per_query
+        steps = sampling.num_inference_steps
+        if config.query_access is QueryAccess.IMAGE_TO_IMAGE:
+            # As `img2img` runs it: the last `strength` fraction of the schedule, at least one step.
+            steps = min(steps, max(1, int(round(steps * config.strength))))
+        per_step = 2 if sampling.guidance_scale != 1.0 else 1
+        return QueryCost(images_generated=m, unet_calls=m * steps * per_step)
+
+    def score(
+        self,
+        target: BlackBoxTarget | GrayBoxTarget,
+        queries: Sequence[Query],
+        config: AttackConfig,
+        *,
+        encoder: ImageEncoder | None = None,
+        progress: ProgressFn | None = None,
+    ) -> ScoredQueries:
+        if not isinstance(target, BlackBoxTarget):
+            raise TypeError(f"{self.name} queries a black-box target, got {type(target)}")
+        return score_queries(target, queries, config, encoder=encoder, progress=progress)
+
+    def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
+        return {
+            "encoder": config.encoder,
+            "distance": config.distance,
+            "generations_per_query": config.generations_per_query,
+            "strength": config.strength if config.query_access is QueryAccess.IMAGE_TO_IMAGE else None,
+        }
 
 
 def fit_attack_model(config: AttackConfig, shadow_scores: np.ndarray, shadow_labels: np.ndarray) -> AttackModel:

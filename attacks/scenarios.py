@@ -11,7 +11,7 @@ class CaptionSource(enum.Enum):
 
 
 class Scenario(enum.Enum):
-    """Rows of DESIGN.md's scenario table."""
+    """The four attack scenarios of Pang & Wang (NDSS 2025); see docs/methods.md."""
 
     I = "I"  # noqa: E741 - the paper's name
     II = "II"

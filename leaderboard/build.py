@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import leaderboard.plots as plotting
 from benchmark.kernel.errors import BenchmarkError
 from benchmark.pipeline.records import RecordError, ResultRecord, read_record
-from leaderboard import plots as plotting
 from leaderboard.tables import BASE_MODEL_ROW, Entry, Row, Table, pareto
 
 PLOTS_DIRNAME = "leaderboard_plots"
@@ -49,13 +49,16 @@ class Leaderboard:
 # ---------------------------------------------------------------- discovery
 
 
-def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
-    """Every *.json under `results_dir`, sorted; invalid ones are skipped with a reason.
+def read_records(results_dir: Path) -> tuple[list[tuple[str, ResultRecord]], list[Skipped]]:
+    """Every *.json under `results_dir`, sorted by relative path, as (path, record); invalid ones skipped.
 
     Files are read by `read_record`: only regular files of at most
     `MAX_RECORD_BYTES` (16 MiB), whose figures agree with their own per-query
     scores; a FIFO, a link to a device, an oversized, deeply nested or forged
-    record is skipped, never waited on or loaded whole.
+    record is skipped with its reason, never waited on or loaded whole.
+
+    Raises:
+        LeaderboardError: the folder does not exist.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -67,16 +70,33 @@ def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
         (p for p in results_dir.rglob("*.json") if not p.is_dir() and not p.name.startswith(".tmp-")),
         key=lambda p: p.relative_to(results_dir).as_posix(),
     )
-    entries: list[Entry] = []
+    records: list[tuple[str, ResultRecord]] = []
     skipped: list[Skipped] = []
     for path in files:
         rel = path.relative_to(results_dir).as_posix()
         try:
-            entries.append(_entry(rel, read_record(path, source=rel)))
+            records.append((rel, read_record(path, source=rel)))
         except RecordError as exc:
             skipped.append(Skipped(rel, str(exc)))
         except (KeyError, TypeError, ValueError) as exc:
-            skipped.append(Skipped(rel, f"{rel}: unexpected content ({exc.__class__.__name__}: {exc})"))
+            skipped.append(Skipped(rel, _unexpected(rel, exc)))
+    return records, skipped
+
+
+def _unexpected(rel: str, exc: Exception) -> str:
+    return f"{rel}: unexpected content ({exc.__class__.__name__}: {exc})"
+
+
+def collect(results_dir: Path) -> tuple[list[Entry], list[Skipped]]:
+    """Every valid record under `results_dir` as a leaderboard entry, sorted; invalid ones skipped with a reason."""
+    records, skipped = read_records(results_dir)
+    entries: list[Entry] = []
+    for rel, record in records:
+        try:
+            entries.append(_entry(rel, record))
+        except (KeyError, TypeError, ValueError) as exc:
+            skipped.append(Skipped(rel, _unexpected(rel, exc)))
+    skipped.sort(key=lambda s: s.path)
     return entries, skipped
 
 

@@ -92,7 +92,7 @@ BAD_INPUT = [
     ("early_stop", {"validation_fraction": "1"}, ["validation_fraction must be in (0, 1)"]),
     ("early_stop", {"patience": "0"}, ["patience must be >= 1"]),
     ("none", {"x": "1"}, ["unknown defense argument 'x'", "this defense has no settings"]),
-    ("dpgsd", {}, ["unknown defense 'dpgsd'", "did you mean 'dpsgd'", "available: augment, dpsgd"]),
+    ("dpgsd", {}, ["unknown defense 'dpgsd'", "did you mean 'dpsgd'", "available: augment, captions, dpsgd"]),
     ("lora.r5", {}, ["unknown defense 'lora.r5'", "did you mean 'lora.r", "presets: "]),
     ("lora+lora", {}, ["lora appears twice", "Valid pairs: ", "dpsgd+lora"]),
     ("none+lora", {}, ["'none' composes with nothing", "dpsgd+lora"]),
@@ -266,8 +266,9 @@ class TestLoRAContract(DefenseContract):
 
 @pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "none"])  # none: the session's micro run
 def test_every_registered_defense_produces_a_record(name: str, micro_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from importlib import metadata
+
     import benchmark.app.runner as runner
-    from benchmark.kernel.plugins import component_origin
     from benchmark.pipeline.records import load_record
 
     outcome = runner.run(
@@ -275,7 +276,9 @@ def test_every_registered_defense_produces_a_record(name: str, micro_run, tmp_pa
     )
     data = load_record(outcome.path)  # validates against the schema
     defense = data["components"]["defense"]
-    assert defense["name"] == name and defense["origin"] == component_origin(DEFENSES, name)
+    # Built-in defenses are supplied by this package, at its installed version.
+    assert defense["name"] == name
+    assert defense["origin"] == f"diffusion-mia-bench=={metadata.version('diffusion-mia-bench')}"
     assert outcome.path.parent.name == name
     for which in ("target", "shadow"):
         assert name in data["training"][which]["defense_details"], which

@@ -24,7 +24,7 @@ from defenses.dpsgd import DeltaWarning
 # Opacus's RDP orders, so that the second RDP implementation answers the same question.
 OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 # PRV (Opacus) returns an upper bound with eps_error 0.01; PLD (dp_accounting) with its
-# default discretisation is within ~0.01 of the truth too (DESIGN.md: 8.50 vs 8.49). RDP
+# default discretisation is within ~0.01 of the truth too (8.50 against 8.49 here). RDP
 # implementations differ only in which fractional orders converge.
 PLD_TOLERANCE = 0.05
 RDP_TOLERANCE = 0.05

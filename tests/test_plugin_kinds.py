@@ -32,6 +32,7 @@ from attacks.attack_models import ATTACK_MODELS
 from attacks.captioners import CAPTIONERS
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, EncoderRequest
+from attacks.families import ATTACK_FAMILIES
 from attacks.testing import EncoderContract
 from benchmark import __version__
 from benchmark.app.config import RunConfig, profile
@@ -49,6 +50,7 @@ REGISTRIES: dict[str, Registry] = {  # type: ignore[type-arg]
     "benchmark.models": MODELS,
     "benchmark.defenses": DEFENSES,
     "benchmark.attack_models": ATTACK_MODELS,
+    "benchmark.attacks": ATTACK_FAMILIES,
     "benchmark.encoders": ENCODERS,
     "benchmark.distances": DISTANCES,
     "benchmark.captioners": CAPTIONERS,
@@ -103,11 +105,12 @@ def test_disabling_plugins_keeps_every_builtin_of_every_registry(tmp_path: Path)
         from attacks.captioners import CAPTIONERS
         from attacks.distances import DISTANCES
         from attacks.encoders import ENCODERS
+        from attacks.families import ATTACK_FAMILIES
         from benchmark.kernel.plugins import builtin_entry_points, component_origin
         from benchmark.pipeline.data.base import DATASETS
         from benchmark.pipeline.models.registry import MODELS
         from defenses import DEFENSES
-        registries = (DATASETS, MODELS, DEFENSES, ATTACK_MODELS, ENCODERS, DISTANCES, CAPTIONERS)
+        registries = (DATASETS, MODELS, DEFENSES, ATTACK_MODELS, ATTACK_FAMILIES, ENCODERS, DISTANCES, CAPTIONERS)
         assert sorted(r.entry_point_group for r in registries) == {sorted(REGISTRIES)!r}
         seen = {{}}
         for registry in registries:

@@ -16,6 +16,7 @@ from attacks.attack import ModelFreeBaseline, fit_attack_model
 from attacks.attack_models import ATTACK_MODELS
 from attacks.captioners import CAPTIONERS
 from attacks.encoders import ENCODERS
+from attacks.families import ATTACK_FAMILIES, Access
 from attacks.scenarios import QueryAccess, ShadowMode
 from benchmark.app.config import RunConfig
 from benchmark.app.stages import SHADOW_SEED_OFFSET, RunContext, ScenarioEvidence, Target
@@ -52,6 +53,8 @@ def cell_record(
     utility = target.utility
     bootstrap = BootstrapSpec(n_resamples=config.bootstrap_resamples, seed=config.seed)
     spec = bootstrap if config.bootstrap_resamples > 0 else None
+    family = evidence.family
+    access = family.access(attack_config.query_access)
     attack_model = fit_attack_model(attack_config, shadow_scores.scores, shadow_labels)
     membership = attack_model.membership_score(target_scores.scores)
     predictions = attack_model.predict(target_scores.scores)
@@ -100,6 +103,11 @@ def cell_record(
         ),
         "defense": ComponentRecord.from_description(
             defense.describe(), origin=component_origin(DEFENSES, config.defense)
+        ),
+        "attack": ComponentRecord.from_description(
+            family.describe(attack_config),
+            version=family.version,
+            origin=component_origin(ATTACK_FAMILIES, attack_config.attack),
         ),
         "attack_model": ComponentRecord.from_description(
             attack_model.describe(),
@@ -156,6 +164,12 @@ def cell_record(
             predictions=[int(v) for v in predictions],
             shadow_fit=shadow_privacy,
             roc_plot=attachment_name(run_id, ROC_SUFFIX),
+            family=attack_config.attack,
+            family_version=family.version,
+            access=access.value,
+            hyperparameters=family.hyperparameters(attack_config),
+            cost_per_query=family.cost_per_query(attack_config, config.sampling).to_dict(),
+            unet_calls=target_scores.unet_calls if access is Access.GRAY_BOX else None,
         ),
         privacy=privacy,
         control=control,
@@ -165,11 +179,11 @@ def cell_record(
         peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         notes=_notes(privacy, config),
     )
-    access = "img2img" if attack_config.query_access is QueryAccess.IMAGE_TO_IMAGE else "text-only"
     plot = roc_plot_png(
         curves,
         title=(
-            f"{record.dataset} / scenario {scenario.value} / {config.defense} / {attack_config.attack_model} ({access})"
+            f"{record.dataset} / scenario {scenario.value} / {config.defense} / "
+            f"{attack_config.attack} + {attack_config.attack_model} ({access.value})"
         ),
     )
     return record, plot

@@ -14,6 +14,7 @@ from attacks.attack_models import ATTACK_MODELS
 from attacks.captioners import CAPTIONERS, CaptionerRequest, CaptionerTraining
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining
+from attacks.families import ATTACK_FAMILIES, AttackFamilyError
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import default_cache_dir
@@ -66,6 +67,20 @@ class RunConfig:
     )
     attack_model: str = field(
         default="threshold", metadata={"help": "attack model: threshold, distribution or classifier (see `list`)"}
+    )
+    attack: str = field(
+        default="pang-wang",
+        metadata={
+            "help": "attack family: pang-wang (black box, the paper's) or loss (gray box: the model's noise "
+            "prediction); the attack model is fitted on its features"
+        },
+    )
+    attack_args: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "override an attack-family hyperparameter (repeatable), e.g. timesteps=450 or draws_per_timestep=3",
+            "aliases": ("--attack-arg",),
+        },
     )
     encoder: str = field(default="pixels", metadata={"help": "image encoder: pixels, cnn (trained on public), hf"})
     encoder_path: Path | None = field(default=None, metadata={"help": "local transformers vision folder for hf"})
@@ -193,6 +208,7 @@ class RunConfig:
         for registry, value in (
             (DATASETS, self.dataset),
             (MODELS, self.model),
+            (ATTACK_FAMILIES, self.attack),
             (ATTACK_MODELS, self.attack_model),
             (ENCODERS, self.encoder),
             (DISTANCES, self.distance),
@@ -241,7 +257,14 @@ class RunConfig:
         )
 
     def validate_attack(self) -> None:
-        """The attack's settings: the shadow's member-set size, encoder and captioner folders."""
+        """The attack's settings: its family's access and hyperparameters, the shadow's member-set size,
+        encoder and captioner folders."""
+        try:
+            # A gray-box family runs in every scenario (captions come from the truth or the captioner),
+            # but not through an image-to-image API.
+            ATTACK_FAMILIES.get(self.attack).from_args(self.attack_args).access(self.query_access)
+        except (RegistryError, AttackFamilyError) as exc:
+            raise ConfigError(str(exc)) from None
         from_target = int(round(self.shadow_members * self.scenario.auxiliary_member_overlap))
         if from_target > self.members:
             raise ConfigError(
@@ -318,12 +341,34 @@ class RunConfig:
             if isinstance(value, enum.Enum):
                 value = value.value
             elif isinstance(value, Path):
-                value = str(value)
+                value = portable_path(value)
             elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)
             out[f.name] = value
-        out["cache_dir"] = str(self.cache_path)
+        # Where outputs go is not part of what was computed, and names this machine.
+        out["results_dir"] = RESULTS_PLACEHOLDER
+        out["cache_dir"] = CACHE_PLACEHOLDER
         return out
+
+
+# A configuration as written into a record holds no path of the machine that ran it
+# (`to_dict` is the one place this is applied): the output folders are placeholders,
+# and an input path is written relative to the home folder (`~/data/celeba`), as
+# given when it was relative, and otherwise as `<local>/<its last part>`. The
+# components themselves are identified by name, version and weights hash.
+RESULTS_PLACEHOLDER = "<results>"
+CACHE_PLACEHOLDER = "<cache>"
+LOCAL_PLACEHOLDER = "<local>"
+
+
+def portable_path(path: Path) -> str:
+    """`path` as a record stores it: `~/...` under the home folder, relative as given, else `<local>/name`."""
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except (ValueError, RuntimeError):
+        return f"{LOCAL_PLACEHOLDER}/{path.name}"
 
 
 # Settings renamed since records were first written: old name -> today's. A stored

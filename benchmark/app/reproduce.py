@@ -119,7 +119,13 @@ def reproduce(
         raise ReproductionError(f"{path}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
         target_dir = Path(results_dir) if results_dir is not None else Path(tmp)
-        config = config.replace(results_dir=target_dir, cache_dir=cache_dir)
+        # A record stores input paths under the home folder as `~/...` (see `portable_path`).
+        home_paths = {
+            name: value.expanduser()
+            for name, value in vars(config).items()
+            if isinstance(value, Path) and value.parts[:1] == ("~",)
+        }
+        config = config.replace(results_dir=target_dir, cache_dir=cache_dir, **home_paths)
         try:
             config.validate()
         except BenchmarkError as exc:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.attack import AttackConfig, Query, ScoredQueries, caption_queries, image_features, score_queries
+from attacks.attack import AttackConfig, ProgressFn, Query, ScoredQueries, caption_queries, image_features
 from attacks.captioners import Captioner, CaptionerRequest, build_captioner
 from attacks.encoders import EncoderRequest, ImageEncoder, build_encoder
+from attacks.families import DEFAULT_FAMILY, Access, AttackFamily
 from attacks.scenarios import CaptionSource, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.app.config import RunConfig
@@ -35,9 +36,9 @@ from benchmark.kernel.progress import StageTimer
 from benchmark.pipeline.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
 from benchmark.pipeline.data.splits import ShadowSplit, Splits, SplitSizes, make_splits, shadow_split
 from benchmark.pipeline.finetune import TrainConfig, TrainReport
-from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, load_model
+from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, gray_box, load_model
 from benchmark.pipeline.models.registry import MODELS, BaseModel, BaseModelRequest
-from benchmark.pipeline.target import BlackBoxTarget
+from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget
 from benchmark.pipeline.utility_metrics import UtilityResult, measure_utility
 from defenses import Defense, resolve
 
@@ -76,6 +77,7 @@ class RunContext:
     shadow_models: dict[tuple[int, ...], FineTuned] = field(default_factory=dict)
     scores: dict[str, ScoredQueries] = field(default_factory=dict)
     base_box: BlackBoxTarget | None = None
+    base_gray_box: GrayBoxTarget | None = None
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Target:
     queries: list[Query]
     labels: np.ndarray
     box: BlackBoxTarget
+    # Gray-box access to the same model, for gray-box attack families.
+    gray_box: GrayBoxTarget
     # Image features of the queries alone, for the model-free baseline.
     baseline_features: np.ndarray | None
     # Seconds of the stages every scenario shares.
@@ -104,6 +108,8 @@ class ScenarioEvidence:
     captioner: Captioner | None
     caption_match: dict[str, float] | None
     attack_config: AttackConfig
+    # The attack family that scored the queries, with its hyperparameters.
+    family: AttackFamily
     shadow_labels: np.ndarray
     shadow_scores: ScoredQueries
     target_scores: ScoredQueries
@@ -247,6 +253,7 @@ def target(ctx: RunContext) -> Target:
     shared_timings = {k: round(v, 3) for k, v in ctx.timer.timings.items()}
     queries, labels = target_queries(ctx.data.dataset, ctx.data.splits, seed=config.seed)
     box = black_box(tuned.model, config.sampling, name="target")
+    grey = gray_box(tuned.model, name="target", batch_size=config.sampling.batch_size)
     features = image_features(np.stack([q.image for q in queries]), encoder) if config.baseline else None
     return Target(
         model=tuned,
@@ -255,6 +262,7 @@ def target(ctx: RunContext) -> Target:
         queries=queries,
         labels=labels,
         box=box,
+        gray_box=grey,
         baseline_features=features,
         shared_timings=shared_timings,
     )
@@ -341,21 +349,38 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
         strength=config.img2img_strength,
         query_batch=config.query_batch,
         seed=config.seed,
+        attack=config.attack,
+        attack_args=config.attack_args,
     )
-    shadow_box = black_box(shadow_model.model, config.sampling, name="shadow")
+    family = attack_config.family()
+    # The attacker gets the access its family needs: images out of captions, or noise predictions.
+    gray = family.access(attack_config.query_access) is Access.GRAY_BOX
+    shadow_box: BlackBoxTarget | GrayBoxTarget = (
+        gray_box(shadow_model.model, name="shadow", batch_size=config.sampling.batch_size)
+        if gray
+        else black_box(shadow_model.model, config.sampling, name="shadow")
+    )
     shadow_scores = _score(
         ctx, "attack: shadow", ("shadow", shadow_key), shadow_box, shadow_queries, attack_config, tgt
     )
-    target_scores = _score(ctx, "attack: target", ("target",), tgt.box, queries, attack_config, tgt)
+    target_box = tgt.gray_box if gray else tgt.box
+    target_scores = _score(ctx, "attack: target", ("target",), target_box, queries, attack_config, tgt)
     base_scores = None
     if config.control:
-        if ctx.base_box is None:
-            ctx.base_box = black_box(_base(ctx).load(), config.sampling, name="base")
+        base_box: BlackBoxTarget | GrayBoxTarget
+        if gray:
+            if ctx.base_gray_box is None:
+                ctx.base_gray_box = gray_box(_base(ctx).load(), name="base", batch_size=config.sampling.batch_size)
+            base_box = ctx.base_gray_box
+        else:
+            if ctx.base_box is None:
+                ctx.base_box = black_box(_base(ctx).load(), config.sampling, name="base")
+            base_box = ctx.base_box
         base_scores = _score(
             ctx,
             "attack: base model (control)",
             ("base",),
-            ctx.base_box,
+            base_box,
             queries,
             attack_config,
             tgt,
@@ -376,6 +401,7 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
         captioner=captioner,
         caption_match=caption_match,
         attack_config=attack_config,
+        family=family,
         shadow_labels=shadow_labels,
         shadow_scores=shadow_scores,
         target_scores=target_scores,
@@ -406,20 +432,26 @@ def _score(
     ctx: RunContext,
     stage: str,
     model_key: tuple[object, ...],
-    box: BlackBoxTarget,
+    box: BlackBoxTarget | GrayBoxTarget,
     queries: list[Query],
     config: AttackConfig,
     tgt: Target,
     *,
     persist: bool = False,
 ) -> ScoredQueries:
-    """Score `queries` on `box` once per run: the same model, queries and captions give the same scores.
+    """Score `queries` on `box` through the attack's family once per run: the same model, queries, captions and
+    attack give the same scores.
 
     `persist`: keep the scores on disk too, for the base-model control, which every
     defense of a suite shares (only when the base model is a cached one).
     """
     key = cache_key(
-        {"model": model_key, "ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}
+        {
+            "model": model_key,
+            "ids": [q.query_id for q in queries],
+            "captions": [q.caption for q in queries],
+            **_family_identity(config),
+        }
     )
     if key in ctx.scores:
         return ctx.scores[key]
@@ -433,6 +465,27 @@ def _score(
             compute() if identity is None else _persisted_scores(ctx, identity, compute, queries, config, tgt)
         )
     return ctx.scores[key]
+
+
+def score_queries(
+    target: BlackBoxTarget | GrayBoxTarget,
+    queries: Sequence[Query],
+    config: AttackConfig,
+    *,
+    encoder: ImageEncoder | None = None,
+    progress: ProgressFn | None = None,
+) -> ScoredQueries:
+    """The one place a run scores queries: through the configuration's attack family."""
+    return config.family().score(target, queries, config, encoder=encoder, progress=progress)
+
+
+def _family_identity(config: AttackConfig) -> dict[str, object]:
+    """The attack family in a cache key: nothing for Pang & Wang's (so caches written before
+    families existed stay valid), its name, version and hyperparameters for any other."""
+    if config.attack == DEFAULT_FAMILY and not config.attack_args:
+        return {}
+    family = config.family()
+    return {"family": {"name": config.attack, "version": family.version, **family.hyperparameters(config)}}
 
 
 # --- disk caches of work every run of a suite shares -----------------------------------------
@@ -456,6 +509,7 @@ def _persisted_scores(
 ) -> ScoredQueries:
     """Scores cached on disk (npy + JSON, nothing unpickled), keyed by model, queries and attack settings."""
     attack = {k: v for k, v in config.to_dict().items() if k not in ("scenario", "attack_model")}
+    attack.update(_family_identity(config))
     inputs = {
         "model": model,
         "queries": cache_key({"ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}),

@@ -23,6 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
+from attacks.families import DEFAULT_FAMILY
 from attacks.scenarios import Scenario
 from benchmark.app import runner
 from benchmark.app.config import RunConfig, upgrade_config_dict
@@ -90,6 +91,11 @@ def cell_key(config: RunConfig | dict[str, Any]) -> str:
     data = config.to_dict() if isinstance(config, RunConfig) else upgrade_config_dict(config)
     for name in _NOT_PART_OF_A_CELL:
         data.pop(name, None)
+    # The attack family is part of a cell; records written before families existed are
+    # Pang & Wang's attack, and the default family keeps the key those records have.
+    if data.get("attack", DEFAULT_FAMILY) == DEFAULT_FAMILY and not data.get("attack_args"):
+        data.pop("attack", None)
+        data.pop("attack_args", None)
     # JSON round trip: tuples and lists, paths and strings compare equal, as they do in a record.
     return cache_key(json.loads(json.dumps(data, default=str)))
 

@@ -88,12 +88,15 @@ class TrainingHooks:
 
     Order of calls in `train`: `recipe` and `training_data` once, `setup` once (after the
     default parameters and optimizer exist), then per epoch `batches`, and per
-    batch `transform` and `optimizer_step` (or `empty_batch_step`), then
-    `end_epoch`; finally `finish`, and `details` for the record.
+    batch `captions` (only where `transforms_captions`), `context`, `transform` and
+    `optimizer_step` (or `empty_batch_step`), then `end_epoch`; finally `finish`,
+    and `details` for the record.
     """
 
     #: whether `transform` changes images (then latents are computed per batch).
     transforms_images: bool = False
+    #: whether `captions` changes captions (then the text is encoded per batch).
+    transforms_captions: bool = False
 
     def recipe(self, config: TrainConfig) -> TrainConfig:
         """The training recipe this defense runs with (e.g. DP-SGD's own learning rate and epochs)."""
@@ -115,6 +118,14 @@ class TrainingHooks:
     def transform(self, images: torch.Tensor, state: TrainingState) -> torch.Tensor:
         """Per-batch image transform (images in [-1, 1], NCHW), applied before encoding."""
         return images
+
+    def captions(self, captions: list[str], state: TrainingState) -> list[str]:
+        """Per-batch caption transform, before caption dropout; called only where `transforms_captions`."""
+        return captions
+
+    def context(self, context: torch.Tensor, state: TrainingState) -> torch.Tensor:
+        """Per-batch change to the text context (batch, tokens, width) the UNet is conditioned on."""
+        return context
 
     def optimizer_step(self, state: TrainingState) -> bool:
         """Update after `backward()`; return whether a (logical) optimizer step was taken."""
@@ -143,13 +154,14 @@ class ComposedHooks(TrainingHooks):
     """Several hooks in one loop. At most one of them may take over sampling and stepping.
 
     `setup` runs in the given order, `finish` in reverse (the last wrapper is
-    removed first), `transform` chains, and training stops when any `end_epoch`
+    removed first), `transform`, `captions` and `context` chain, and training stops when any `end_epoch`
     asks for it (every one is still called, so each sees every epoch).
     """
 
     def __init__(self, hooks: list[TrainingHooks]) -> None:
         self.hooks = list(hooks)
         self.transforms_images = any(h.transforms_images for h in self.hooks)
+        self.transforms_captions = any(h.transforms_captions for h in self.hooks)
         self._stepper = self._owner("optimizer_step")
         self._sampler = self._owner("batches")
         self._empty = self._owner("empty_batch_step")
@@ -182,6 +194,17 @@ class ComposedHooks(TrainingHooks):
         for hook in self.hooks:
             images = hook.transform(images, state)
         return images
+
+    def captions(self, captions: list[str], state: TrainingState) -> list[str]:
+        for hook in self.hooks:
+            if hook.transforms_captions:
+                captions = hook.captions(captions, state)
+        return captions
+
+    def context(self, context: torch.Tensor, state: TrainingState) -> torch.Tensor:
+        for hook in self.hooks:
+            context = hook.context(context, state)
+        return context
 
     def optimizer_step(self, state: TrainingState) -> bool:
         return self._stepper.optimizer_step(state)
@@ -298,9 +321,11 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
     )
-    # A frozen text encoder gives the same context every epoch: encode once.
-    frozen_context = None if config.train_text_encoder else model.encode_text(captions)
-    empty_context = None if config.train_text_encoder else model.encode_text([""])
+    # A frozen text encoder gives the same context every epoch: encode once (unless
+    # a defense changes the captions per step).
+    encode_per_batch = config.train_text_encoder or hooks.transforms_captions
+    frozen_context = None if encode_per_batch else model.encode_text(captions)
+    empty_context = None if encode_per_batch else model.encode_text([""])
     history: list[float] = []
     epochs_completed = 0
     loss_value = float("nan")
@@ -319,10 +344,13 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
                 if frozen_context is not None and empty_context is not None:
                     context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
                 else:
-                    batch_captions = [
-                        "" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)
-                    ]
-                    context = model.text_context(batch_captions)
+                    batch_captions = [captions[i] for i in idx.tolist()]
+                    if hooks.transforms_captions:
+                        batch_captions = hooks.captions(batch_captions, state)
+                    batch_captions = ["" if d else c for c, d in zip(batch_captions, drop.tolist(), strict=True)]
+                    with torch.set_grad_enabled(config.train_text_encoder):
+                        context = model.text_context(batch_captions)
+                context = hooks.context(context, state)
                 if latents_all is not None:
                     latents = latents_all[idx]
                 else:

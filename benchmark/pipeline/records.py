@@ -308,6 +308,15 @@ class AttackRecord:
     # The attack model applied to its own fit data (the shadow): a diagnostic, not a result.
     shadow_fit: PrivacyMetrics
     roc_plot: str | None = None
+    # The attack family (`attacks.families`); a record written before families existed is
+    # Pang & Wang's black-box attack and carries none of the fields below.
+    family: str = "pang-wang"
+    family_version: str | None = None
+    access: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    # {"images_generated": ..., "unet_calls": ...} for one query on one model.
+    cost_per_query: dict[str, int] | None = None
+    unet_calls: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttackRecord:
@@ -655,13 +664,17 @@ def _encode(value: Any, level: int) -> str:
 
 
 def record_path(results_dir: Path, record: ResultRecord) -> Path:
-    return (
-        Path(results_dir)
-        / _safe(record.dataset)
-        / _safe(record.scenario)
-        / _safe(record.defense)
-        / f"{_safe(record.run_id)}.json"
-    )
+    """Where a record goes: `<dataset>/<scenario>/<defense>/<run-id>-<attack>-<attack model>-<access>.json`.
+
+    The name tells the records of one run apart (one per attack, attack model and
+    access: `black-box`, `black-box-img2img`, `gray-box`) without opening them.
+    Readers never rely on it: the leaderboard and the suite read every `*.json` by
+    content, so files named `<run-id>.json` by earlier versions are read the same way.
+    """
+    attack = record.attack
+    access = attack.access or attack.query_access
+    name = "-".join(_safe(part) for part in (record.run_id, attack.family, attack.attack_model, access))
+    return Path(results_dir) / _safe(record.dataset) / _safe(record.scenario) / _safe(record.defense) / f"{name}.json"
 
 
 def find_epsilon(details: Any) -> float | None:

@@ -1,7 +1,9 @@
-"""The black-box interface: the only handle an attack ever gets on a model.
+"""The black-box and gray-box interfaces: the only handles an attack ever gets on a model.
 
-Captions (and, where the provider offers image-to-image access, images) go in,
-generated images come out, and every query is counted. The model itself lives in a closure created by
+Black box: captions (and, where the provider offers image-to-image access, images) go in,
+generated images come out, and every query is counted. Gray box (`GrayBoxTarget`): the
+model's noise prediction for caller-chosen (image, caption, timestep, noise), still
+without weights, gradients or labels, every prediction counted. The model itself lives in a closure created by
 `benchmark.pipeline.models.diffusion.black_box`; the object carries no weights, losses or labels, and
 the attack package is checked by a test never to reach past this interface.
 """
@@ -114,3 +116,126 @@ class BlackBoxTarget:
 
     def __repr__(self) -> str:
         return f"BlackBoxTarget({self.name!r}, queries={self._queries}, images={self._images})"
+
+
+@dataclass(frozen=True)
+class NoisePrediction:
+    """What a gray-box query returns: the noise that was added and the model's prediction of it."""
+
+    noise: np.ndarray  # (N, *latent_shape) float32, the noise that was added (given or drawn)
+    prediction: np.ndarray  # (N, *latent_shape) float32, the model's predicted noise
+
+
+# (images (N, H, W, 3) in [0, 1], captions ("" = null caption), timesteps (N,) int64,
+#  noise (N, *latent_shape) float32 or None, seed) -> (noise, prediction), both (N, *latent_shape) float32
+PredictNoiseFn = Callable[[np.ndarray, list[str], np.ndarray, "np.ndarray | None", int], tuple[np.ndarray, np.ndarray]]
+
+
+class GrayBoxTarget:
+    """Gray-box access: the target's denoising prediction eps_theta(x_t, t, c) for caller-chosen inputs.
+
+    The model encodes the images with its own VAE (as a provider's API would), adds
+    the noise at each timestep with its own scheduler and returns its prediction of
+    that noise. No weights, gradients, losses or labels; every prediction is counted
+    (one UNet evaluation each).
+    """
+
+    __slots__ = (
+        "_predict",
+        "_queries",
+        "_unet_calls",
+        "_images",
+        "_seconds",
+        "name",
+        "num_train_timesteps",
+        "latent_shape",
+    )
+
+    def __init__(
+        self, predict_fn: PredictNoiseFn, *, name: str, num_train_timesteps: int, latent_shape: tuple[int, ...]
+    ) -> None:
+        self._predict = predict_fn
+        self._queries = 0
+        self._unet_calls = 0
+        self._images = 0
+        self._seconds = 0.0
+        self.name = name
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.latent_shape = tuple(int(d) for d in latent_shape)
+
+    def predict_noise(
+        self,
+        images: np.ndarray,
+        captions: Sequence[str | None],
+        *,
+        timesteps: Sequence[int] | np.ndarray,
+        noise: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> NoisePrediction:
+        """The model's noise prediction for each (image, caption, timestep, noise).
+
+        Args:
+            images: (N, H, W, 3) in [0, 1].
+            captions: one per image; None is the null caption.
+            timesteps: one per image, 0 <= t < num_train_timesteps.
+            noise: (N, *latent_shape), or None to draw N(0, I) from `seed`.
+            seed: seeds the noise draw (and nothing else): a fixed seed gives the same answer.
+
+        Raises:
+            ValueError: mismatched lengths or shapes, or a timestep out of range (nothing is counted).
+        """
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (N, H, W, 3), got shape {images.shape}")
+        n = len(images)
+        captions = ["" if c is None else str(c) for c in captions]
+        if len(captions) != n:
+            raise ValueError(f"{n} images but {len(captions)} captions")
+        steps = np.asarray(timesteps)
+        if steps.shape != (n,) or (n and not np.issubdtype(steps.dtype, np.integer)):
+            raise ValueError(f"timesteps must be {n} integers (one per image), got shape {steps.shape}")
+        steps = steps.astype(np.int64)
+        if n and (steps.min() < 0 or steps.max() >= self.num_train_timesteps):
+            raise ValueError(f"timesteps must be in [0, {self.num_train_timesteps}), got {steps.min()}..{steps.max()}")
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != (n, *self.latent_shape):
+                raise ValueError(f"noise must have shape {(n, *self.latent_shape)}, got {noise.shape}")
+        if n == 0:
+            empty = np.zeros((0, *self.latent_shape), dtype=np.float32)
+            return NoisePrediction(noise=empty, prediction=empty.copy())
+        start = time.perf_counter()
+        drawn, prediction = self._predict(images, captions, steps, noise, int(seed))
+        self._seconds += time.perf_counter() - start
+        self._queries += n
+        self._unet_calls += n
+        self._images += n
+        return NoisePrediction(noise=np.asarray(drawn, dtype=np.float32), prediction=np.asarray(prediction, np.float32))
+
+    @property
+    def query_count(self) -> int:
+        """Noise predictions asked for so far (one per (image, caption, timestep, noise))."""
+        return self._queries
+
+    @property
+    def unet_calls(self) -> int:
+        """UNet evaluations spent (one per prediction: no guidance in a gray-box query)."""
+        return self._unet_calls
+
+    @property
+    def images_encoded(self) -> int:
+        """Images the model encoded for the queries (one per prediction)."""
+        return self._images
+
+    @property
+    def images_generated(self) -> int:
+        """Always 0: a gray-box query generates no image (kept for the same cost bookkeeping)."""
+        return 0
+
+    @property
+    def seconds_generating(self) -> float:
+        """Wall time spent inside the model."""
+        return self._seconds
+
+    def __repr__(self) -> str:
+        return f"GrayBoxTarget({self.name!r}, queries={self._queries}, unet_calls={self._unet_calls})"

@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from benchmark.kernel.errors import ModelError, why_not_a_folder
 from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
 from benchmark.pipeline.models.weights import check_weights
-from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
+from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHTS_SUBFOLDERS = ("unet", "text_encoder", "vae")
@@ -297,3 +297,89 @@ def black_box(model: object, sampling: SamplingConfig, *, name: str) -> BlackBox
         return tensor_to_images(out)
 
     return BlackBoxTarget(generate_fn, name=name, img2img_fn=img2img_fn)
+
+
+@torch.no_grad()
+def predict_noise(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    captions: list[str],
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """eps_theta(x_t, t, c) where x_t is each image's latent noised with `noise` at `timesteps`.
+
+    The latent is the VAE posterior's mean (deterministic, as attack code on Stable
+    Diffusion encodes queries). A v-prediction model's output is converted to the
+    noise it implies, so callers always compare against the noise.
+
+    Args:
+        images: NCHW in [-1, 1].
+        captions: one per image ("" is the null caption).
+        timesteps: (N,) int64 training timesteps.
+        noise: (N, *latent_shape).
+    """
+    unet, scheduler = model.unet, model.noise_scheduler
+    was_training = unet.training
+    unet.eval()
+    outputs = []
+    alphas = scheduler.alphas_cumprod
+    for start in range(0, len(captions), batch_size):
+        stop = start + batch_size
+        x = images[start:stop].float()
+        if model.vae is None:
+            latents = x
+        else:
+            latents = model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor
+        eps, t = noise[start:stop], timesteps[start:stop]
+        noisy = scheduler.add_noise(latents, eps, t)
+        out = unet(noisy, t, encoder_hidden_states=model.encode_text(captions[start:stop])).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            a = alphas[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+            out = a * out + s * noisy
+        elif scheduler.config.prediction_type != "epsilon":
+            raise ModelError(
+                f"gray-box access needs an epsilon or v-prediction model, not {scheduler.config.prediction_type!r}"
+            )
+        outputs.append(out.float())
+    unet.train(was_training)
+    return torch.cat(outputs)
+
+
+def gray_box(model: object, *, name: str, batch_size: int = 256) -> GrayBoxTarget:
+    """Gray-box access to `model`: its noise prediction for caller-chosen inputs, never its weights.
+
+    Deterministic for a fixed seed (the noise is drawn for all N inputs at once, so the
+    answer does not depend on `batch_size`, only the number of images per UNet call does).
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"expected a DiffusionModel, got {type(model).__name__}")
+    size = int(model.unet.config.sample_size)
+    latent_shape = (int(model.unet.config.in_channels), size, size)
+
+    def predict_fn(
+        images: np.ndarray, captions: list[str], timesteps: np.ndarray, noise: np.ndarray | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if noise is None:
+            drawn = torch.randn((len(images), *latent_shape), generator=torch.Generator().manual_seed(seed))
+        else:
+            drawn = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32))
+        prediction = predict_noise(
+            model,
+            images_to_tensor(list(images)),
+            captions,
+            torch.from_numpy(np.asarray(timesteps, dtype=np.int64)),
+            drawn,
+            batch_size=batch_size,
+        )
+        return drawn.numpy().astype(np.float32), prediction.numpy().astype(np.float32)
+
+    return GrayBoxTarget(
+        predict_fn,
+        name=name,
+        num_train_timesteps=int(model.noise_scheduler.config.num_train_timesteps),
+        latent_shape=latent_shape,
+    )

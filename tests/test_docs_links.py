@@ -1,0 +1,73 @@
+"""Every relative link and image in the README, docs/, CONTRIBUTING.md and CHANGELOG.md resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = sorted(
+    p
+    for p in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")]
+    if p.exists()
+)
+# [text](target) and ![alt](target); the target ends at whitespace or the closing parenthesis.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = FENCE.sub("", path.read_text())
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def _links(path: Path) -> list[str]:
+    return LINK.findall(FENCE.sub("", path.read_text()))
+
+
+def test_documents_are_found() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in DOCUMENTS}
+    assert {"README.md", "docs/methods.md", "docs/findings.md", "docs/reproducing.md", "docs/performance.md"} <= names
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(document: Path) -> None:
+    broken = []
+    for target in _links(document):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        resolved = (document.parent / file_part).resolve() if file_part else document
+        if not resolved.is_relative_to(ROOT):
+            broken.append(f"{target} (outside the repository)")
+        elif not resolved.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(f"{target} (no heading #{anchor})")
+    assert not broken, f"{document.relative_to(ROOT)}: broken links: {broken}"
+
+
+def test_readme_is_a_front_door() -> None:
+    assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -m "not slow"'
+    assert command in (ROOT / "README.md").read_text()
+    assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_no_reference_outside_the_repository() -> None:
+    for path in [*DOCUMENTS, *ROOT.glob("benchmark/**/*.py"), *ROOT.glob("tests/**/*.py")]:
+        if path == Path(__file__).resolve():
+            continue
+        text = path.read_text()
+        assert "../shared" not in text and "DESIGN.md" not in text, path
