@@ -85,11 +85,20 @@ class Defense:
         on_step: StepCallback | None = None,
     ) -> FineTuneResult:
         """Fine-tune `model` in place on the owner's private (images, captions)."""
-        hooks = self.training_hooks()
+        hooks, details = self._run_hooks()
         with _failures_named(self.name):
             report = train(model, images, captions, train_config, on_step=on_step, hooks=hooks)
-        details = hooks.details()
-        return FineTuneResult(report=report, details={self.name: details} if details else {})
+        return FineTuneResult(report=report, details=details())
+
+    def _run_hooks(self) -> tuple[TrainingHooks, Callable[[], dict[str, object]]]:
+        """The hooks of one run, and how to read their details (by defense name) afterwards."""
+        hooks = self.training_hooks()
+
+        def details() -> dict[str, object]:
+            found = hooks.details()
+            return {self.name: found} if found else {}
+
+        return hooks, details
 
     @classmethod
     def composable(cls) -> bool:
@@ -123,20 +132,14 @@ class ComposedDefense(Defense):
             train_config = part.recipe(train_config)
         return train_config
 
-    def fine_tune(
-        self,
-        *,
-        model: DiffusionModel,
-        images: torch.Tensor,
-        captions: list[str],
-        train_config: TrainConfig,
-        on_step: StepCallback | None = None,
-    ) -> FineTuneResult:
+    def _run_hooks(self) -> tuple[TrainingHooks, Callable[[], dict[str, object]]]:
         hooks = [part.training_hooks() for part in self.parts]
-        with _failures_named(self.name):
-            report = train(model, images, captions, train_config, on_step=on_step, hooks=ComposedHooks(hooks))
-        details = {part.name: h.details() for part, h in zip(self.parts, hooks, strict=True)}
-        return FineTuneResult(report=report, details={k: v for k, v in details.items() if v})
+
+        def details() -> dict[str, object]:
+            found = {part.name: h.details() for part, h in zip(self.parts, hooks, strict=True)}
+            return {k: v for k, v in found.items() if v}
+
+        return ComposedHooks(hooks), details
 
     def describe(self) -> dict[str, object]:
         components = []

@@ -125,61 +125,62 @@ def _insert(caption: str, extra: list[str], generator: torch.Generator) -> str:
     return " ".join(words)
 
 
+def _where_chosen(
+    captions: list[str], cfg: CaptionConfig, generator: torch.Generator, change: Callable[[str], str | None]
+) -> tuple[list[str], int]:
+    """Each caption drawn with probability p goes through `change` (None: left as it is); the count changed."""
+    out, changed = [], 0
+    for caption, hit in zip(captions, _chosen(len(captions), cfg, generator), strict=True):
+        new = change(caption) if hit else None
+        if new is not None:
+            caption, changed = new, changed + 1
+        out.append(caption)
+    return out, changed
+
+
 def replace_caption(
     captions: list[str], cfg: CaptionConfig, vocab: list[str], generator: torch.Generator
 ) -> tuple[list[str], int]:
     """With probability p, the caption becomes `replace_tokens` random vocabulary words."""
-    out, changed = [], 0
-    for caption, hit in zip(captions, _chosen(len(captions), cfg, generator), strict=True):
-        if hit:
-            caption = " ".join(_words(vocab, cfg.replace_tokens, generator))
-            changed += 1
-        out.append(caption)
-    return out, changed
+    return _where_chosen(captions, cfg, generator, lambda _: " ".join(_words(vocab, cfg.replace_tokens, generator)))
 
 
 def replace_tokens(
     captions: list[str], cfg: CaptionConfig, vocab: list[str], generator: torch.Generator
 ) -> tuple[list[str], int]:
     """With probability p, `tokens` distinct words of the caption become random vocabulary words."""
-    out, changed = [], 0
-    for caption, hit in zip(captions, _chosen(len(captions), cfg, generator), strict=True):
+
+    def change(caption: str) -> str | None:
         words = caption.split()
-        if hit and words:
-            positions = torch.randperm(len(words), generator=generator)[: cfg.tokens].tolist()
-            for position, word in zip(positions, _words(vocab, len(positions), generator), strict=True):
-                words[position] = word
-            caption = " ".join(words)
-            changed += 1
-        out.append(caption)
-    return out, changed
+        if not words:
+            return None
+        positions = torch.randperm(len(words), generator=generator)[: cfg.tokens].tolist()
+        for position, word in zip(positions, _words(vocab, len(positions), generator), strict=True):
+            words[position] = word
+        return " ".join(words)
+
+    return _where_chosen(captions, cfg, generator, change)
 
 
 def add_tokens(
     captions: list[str], cfg: CaptionConfig, vocab: list[str], generator: torch.Generator
 ) -> tuple[list[str], int]:
     """With probability p, insert `tokens` random vocabulary words at random positions."""
-    out, changed = [], 0
-    for caption, hit in zip(captions, _chosen(len(captions), cfg, generator), strict=True):
-        if hit:
-            caption = _insert(caption, _words(vocab, cfg.tokens, generator), generator)
-            changed += 1
-        out.append(caption)
-    return out, changed
+    return _where_chosen(
+        captions, cfg, generator, lambda caption: _insert(caption, _words(vocab, cfg.tokens, generator), generator)
+    )
 
 
 def add_numbers(
     captions: list[str], cfg: CaptionConfig, vocab: list[str], generator: torch.Generator
 ) -> tuple[list[str], int]:
     """With probability p, insert `numbers` random integers in [0, 99999] at random positions."""
-    out, changed = [], 0
-    for caption, hit in zip(captions, _chosen(len(captions), cfg, generator), strict=True):
-        if hit:
-            numbers = torch.randint(0, NUMBER_LIMIT, (cfg.numbers,), generator=generator).tolist()
-            caption = _insert(caption, [str(n) for n in numbers], generator)
-            changed += 1
-        out.append(caption)
-    return out, changed
+
+    def change(caption: str) -> str:
+        numbers = torch.randint(0, NUMBER_LIMIT, (cfg.numbers,), generator=generator).tolist()
+        return _insert(caption, [str(n) for n in numbers], generator)
+
+    return _where_chosen(captions, cfg, generator, change)
 
 
 def embedding_noise(context: torch.Tensor, cfg: CaptionConfig, generator: torch.Generator) -> torch.Tensor:

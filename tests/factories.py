@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
+from benchmark.app.config import RunConfig, profile
+from benchmark.pipeline.finetune import TrainConfig
 from benchmark.pipeline.privacy_metrics import privacy_metrics
 from benchmark.pipeline.records import (
     AttackRecord,
@@ -16,6 +19,7 @@ from benchmark.pipeline.records import (
     UtilityFigures,
     UtilityRecord,
 )
+from benchmark.pipeline.target import SamplingConfig
 
 
 def make_record(
@@ -144,3 +148,20 @@ def _scores(auc: float, tpr1: float, n_nonmembers: int) -> tuple[list[int], list
     steps = [2 * n] * top + [spread // rest + (i < spread % rest) for i in range(rest)] if rest else [2 * n] * top
     members = [h / 2 - 0.5 if h % 2 == 0 else (h - 1) / 2 for h in steps]
     return [1] * m + [0] * n, members + [float(i) for i in range(n)]
+
+
+def overfit_micro(tmp_path: Path, **changes: Any) -> RunConfig:
+    """The micro profile fine-tuned long enough to memorise its 8 members (400 epochs at lr 3e-3), 32
+    non-members per side: the recipe on which an undefended micro target clearly leaks."""
+    config = profile("micro").replace(
+        members=8,
+        nonmembers=32,
+        shadow_members=8,
+        shadow_nonmembers=32,
+        generations_per_query=3,
+        finetune=TrainConfig(epochs=400, batch_size=8, learning_rate=3e-3),
+        sampling=SamplingConfig(num_inference_steps=10),
+        results_dir=tmp_path / "results",
+        cache_dir=tmp_path / "cache",
+    )
+    return config.replace(**changes)

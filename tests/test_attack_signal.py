@@ -10,24 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmark.app.config import profile
 from benchmark.app.runner import run
 from benchmark.pipeline.finetune import TrainConfig
-from benchmark.pipeline.target import SamplingConfig
+from tests.factories import overfit_micro
 
 
 def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
-    config = profile("micro").replace(
-        members=8,
-        nonmembers=32,
-        shadow_members=8,
-        shadow_nonmembers=32,
-        generations_per_query=3,
-        finetune=TrainConfig(epochs=400, batch_size=8, learning_rate=3e-3),
-        sampling=SamplingConfig(num_inference_steps=10),
-        results_dir=tmp_path / "results",
-        cache_dir=tmp_path / "cache",
-    )
+    config = overfit_micro(tmp_path)
     record = run(config, show_progress=False).record
     auc = record.privacy.auc
     control = None if record.control is None else record.control.auc
@@ -49,17 +38,8 @@ def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
 def test_loss_attack_leaks_on_overfit_model(tmp_path: Path) -> None:
     """The gray-box loss attack (t ~ 450 of 1000, 3 (t, eps) pairs) on the same overfit target:
     members' denoising error is clearly lower; on the base model (control) it is not."""
-    config = profile("micro").replace(
-        attack="loss",
-        members=8,
-        nonmembers=32,
-        shadow_members=8,
-        shadow_nonmembers=32,
-        finetune=TrainConfig(epochs=400, batch_size=8, learning_rate=3e-3),
-        utility_metrics=False,
-        results_dir=tmp_path / "results",
-        cache_dir=tmp_path / "cache",
-    )
+    # One generation per query and the default sampling steps: this attack generates nothing.
+    config = overfit_micro(tmp_path, attack="loss", utility_metrics=False)
     record = run(config, show_progress=False).record
     auc = record.privacy.auc
     control = None if record.control is None else record.control.auc

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark.app.runner import run
 from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, train
 from benchmark.pipeline.models.diffusion import load_model
@@ -20,6 +21,7 @@ from defenses.captions import (
 )
 from defenses.resolve import resolve
 from defenses.testing import DefenseContract
+from tests.factories import overfit_micro
 
 # AUC drop that captions.all must achieve on the leaking recipe (see the behaviour test).
 MARGIN = 0.05
@@ -290,23 +292,8 @@ def test_caption_randomisation_lowers_the_attack_auc(seed: int, tmp_path: Path) 
     Measured (CPU, one thread): seed 0: none 0.980, captions.all 0.816; seed 1: none
     0.977, captions.all 0.918. captions.replace alone is weaker (0.852 and 0.965).
     """
-    from benchmark.app.config import profile
-    from benchmark.app.runner import run
-    from benchmark.pipeline.target import SamplingConfig
-
-    config = profile("micro").replace(
-        seed=seed,
-        members=8,
-        nonmembers=32,
-        shadow_members=8,
-        shadow_nonmembers=32,
-        generations_per_query=3,
-        finetune=TrainConfig(epochs=400, batch_size=8, learning_rate=3e-3),
-        sampling=SamplingConfig(num_inference_steps=10),
-        control=False,
-        utility_metrics=False,
-        cache_dir=tmp_path / "cache",  # shared: both runs fine-tune the same base model
-    )
+    # The cache is shared: both runs fine-tune the same base model.
+    config = overfit_micro(tmp_path, seed=seed, control=False, utility_metrics=False)
     aucs = {}
     for defense in ("none", "captions.all"):
         record = run(config.replace(defense=defense, results_dir=tmp_path / defense), show_progress=False).record

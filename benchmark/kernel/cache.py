@@ -181,18 +181,29 @@ def check_cache_dir(cache_dir: Path) -> None:
     Raises:
         CacheError: naming the folder, `--cache-dir` and BENCHMARK_CACHE_DIR.
     """
-    cache_dir = Path(cache_dir)
-    missing = [p for p in (cache_dir, *cache_dir.parents) if not p.exists()]
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=cache_dir):
-            pass
+        probe_writable(Path(cache_dir))
     except OSError as exc:
-        raise _unwritable(cache_dir, exc) from None
+        raise _unwritable(Path(cache_dir), exc) from None
+
+
+def probe_writable(folder: Path) -> None:
+    """Make `folder` if needed and write a temporary file in it.
+
+    Folders made only for the probe are removed again: a check leaves nothing behind.
+
+    Raises:
+        OSError: the folder cannot be made or written.
+    """
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=folder):
+            pass
     finally:
-        for folder in missing:  # innermost first
+        for made in missing:  # innermost first
             try:
-                folder.rmdir()
+                made.rmdir()
             except OSError:
                 pass
 

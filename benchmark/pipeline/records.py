@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import jsonschema
 
+from benchmark.kernel.cache import probe_writable
 from benchmark.kernel.errors import BenchmarkError, ConfigError
 from benchmark.kernel.leftovers import temp_prefix
 from benchmark.kernel.version import __version__
@@ -696,23 +697,12 @@ def check_writable(results_dir: Path) -> None:
     Raises:
         ConfigError: naming the folder and the fix.
     """
-    results_dir = Path(results_dir)
-    # Folders made only for the probe are removed again: a check must leave nothing behind.
-    missing = [p for p in (results_dir, *results_dir.parents) if not p.exists()]
     try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=results_dir):
-            pass
+        probe_writable(Path(results_dir))
     except OSError as exc:
         raise ConfigError(
             f"results folder {results_dir} is not writable ({exc.strerror or exc}); pass a writable --results-dir"
         ) from None
-    finally:
-        for folder in missing:  # innermost first
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
 
 
 def write_record(record: ResultRecord, results_dir: Path) -> Path:
