@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -19,10 +18,13 @@ from attacks.families import (
     Access,
     AttackFamily,
     QueryCost,
+    ScoredQueries,
+    ScoringRun,
     register_attack_family,
+    require_captions,
 )
 from attacks.scenarios import QueryAccess, Scenario
-from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
+from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
 
 ProgressFn = Callable[[int], None]
 
@@ -86,27 +88,6 @@ class Query:
     caption: str | None
 
 
-@dataclass
-class ScoredQueries:
-    query_ids: list[str]
-    captions: list[str]
-    scores: np.ndarray  # (n_queries, generations_per_query)
-    queries_spent: int
-    images_generated: int
-    seconds_in_model: float
-    seconds_total: float
-    # UNet evaluations the scoring spent (counted by gray-box targets; 0 where not counted).
-    unet_calls: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images_generated / self.seconds_in_model if self.seconds_in_model > 0 else 0.0
-
-    @property
-    def model_time_fraction(self) -> float:
-        return self.seconds_in_model / self.seconds_total if self.seconds_total > 0 else 0.0
-
-
 def caption_queries(queries: Sequence[Query], captioner: Captioner) -> list[Query]:
     """Replace every caption with the captioner's (the attacker holds images only)."""
     captions = captioner.caption(np.stack([q.image for q in queries]))
@@ -127,14 +108,10 @@ def score_queries(
     model: only its caption does. With image-to-image access the query image is
     noised to `config.strength` and denoised with its caption.
     """
-    missing = [q.query_id for q in queries if q.caption is None]
-    if missing:
-        raise ValueError(f"{len(missing)} queries have no caption (e.g. {missing[0]!r}); run caption_queries first")
+    require_captions(queries)
     encoder = encoder or ENCODERS.get(config.encoder)()
     similarity = DISTANCES.get(config.distance)
-    before_q, before_i, before_s = target.query_count, target.images_generated, target.seconds_generating
-    started = time.perf_counter()
-    rows = []
+    run = ScoringRun(progress, target=target)
     m = config.generations_per_query
     for start in range(0, len(queries), config.query_batch):
         chunk = queries[start : start + config.query_batch]
@@ -152,18 +129,8 @@ def score_queries(
         query_emb = encoder.embed(query_images)
         gen_emb = gen_emb.reshape(n, m, *gen_emb.shape[1:])
         with torch.no_grad():
-            rows.append(similarity(query_emb.unsqueeze(1), gen_emb).numpy())
-        if progress is not None:
-            progress(len(chunk))
-    return ScoredQueries(
-        query_ids=[q.query_id for q in queries],
-        captions=[str(q.caption) for q in queries],
-        scores=np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, m)),
-        queries_spent=target.query_count - before_q,
-        images_generated=target.images_generated - before_i,
-        seconds_in_model=target.seconds_generating - before_s,
-        seconds_total=time.perf_counter() - started,
-    )
+            run.add(similarity(query_emb.unsqueeze(1), gen_emb).numpy())
+    return run.result(queries, m)
 
 
 @dataclass(frozen=True)
@@ -191,18 +158,8 @@ class PangWang(AttackFamily):
         per_step = 2 if sampling.guidance_scale != 1.0 else 1
         return QueryCost(images_generated=m, unet_calls=m * steps * per_step)
 
-    def score(
-        self,
-        target: BlackBoxTarget | GrayBoxTarget,
-        queries: Sequence[Query],
-        config: AttackConfig,
-        *,
-        encoder: ImageEncoder | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ScoredQueries:
-        if not isinstance(target, BlackBoxTarget):
-            raise TypeError(f"{self.name} queries a black-box target, got {type(target)}")
-        return score_queries(target, queries, config, encoder=encoder, progress=progress)
+    # Scores through the run's configuration and encoder rather than `scorer` with params.
+    score_checked = staticmethod(score_queries)
 
     def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
         return {

@@ -34,16 +34,15 @@ higher means more member-like.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from attacks.attack import AttackConfig, ProgressFn, Query, ScoredQueries
-from attacks.encoders import ImageEncoder
-from attacks.families import Access, AttackFamily, AttackFamilyError, QueryCost, register_attack_family
+from attacks import families
+from attacks.attack import Query
+from attacks.families import GrayBoxFamily, QueryCost, ScoredQueries, register_attack_family
 from attacks.gray_box import (
     NoisePredictor,
     RobustScaler,
@@ -52,9 +51,7 @@ from attacks.gray_box import (
     scale_timestep,
     squared_error,
 )
-from attacks.scenarios import QueryAccess
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,13 @@ class CLiDParams:
             names.append("D_null")
         return (*names, "L")
 
+    def derived(self) -> dict[str, object]:
+        """Settings the record holds beside these fields."""
+        return {
+            "reduced_conditions": "trailing-word clipping + null caption (gradient-free; no importance clipping)",
+            "features": list(self.feature_names),
+        }
+
     def cost_per_query(self) -> QueryCost:
         """M x (1 + J) denoiser calls (3 x 5 = 15 with the defaults, as in the paper)."""
         return QueryCost(images_generated=0, unet_calls=self.pairs * (1 + self.num_conditions))
@@ -121,117 +125,54 @@ def reduced_conditions(caption: str, params: CLiDParams) -> list[str | None]:
     return conditions
 
 
+@families.batched_scorer(CLiDParams, query_batch=64)
 def score_clid(
-    target: NoisePredictor,
-    queries: Sequence[Query],
-    params: CLiDParams = CLiDParams(),
-    *,
-    query_batch: int = 64,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
+    target: NoisePredictor, queries: Sequence[Query], params: CLiDParams, run: families.ScoringRun
 ) -> ScoredQueries:
     """CLiD features (D_1..D_J, L) per query, higher = member in every column.
 
     Raises:
         ValueError: a query has no caption (CLiD needs one; caption it first).
     """
-    missing = [q.query_id for q in queries if q.caption is None]
-    if missing:
-        raise ValueError(f"CLiD needs captions: {len(missing)} queries have none (e.g. {missing[0]!r})")
-    if query_batch < 1:
-        raise ConfigError(f"query_batch must be >= 1, got {query_batch}")
+    families.require_captions(queries, "CLiD")
     images = query_images(queries)
     captions = [str(q.caption) for q in queries]
     steps = [scale_timestep(t, target.num_train_timesteps) for t in params.timesteps]
     pairs = [t for t in steps for _ in range(params.samples_per_timestep)]
     j = params.num_conditions
-    started = time.perf_counter()
-    model_seconds = 0.0
-    calls = 0
-    rows = []
-    for start in range(0, len(queries), query_batch):
-        chunk = images[start : start + query_batch]
-        chunk_captions = captions[start : start + query_batch]
+    for start in range(0, len(queries), run.query_batch):
+        chunk = images[start : start + run.query_batch]
+        chunk_captions = captions[start : start + run.query_batch]
         n = len(chunk)
         reduced = [reduced_conditions(c, params) for c in chunk_captions]
         flat_captions = [reduced[i][c] for c in range(j) for i in range(n)]
         cond_error = np.zeros(n)
         reduced_error = np.zeros((n, j))
         for index, t in enumerate(pairs):
-            tick = time.perf_counter()
-            # One (t_i, eps_i) per pair, shared by the full caption and every reduced one.
-            full = target.predict_noise(
-                chunk, chunk_captions, timesteps=[t] * n, seed=seed + start * len(pairs) + index
-            )
-            noise = np.asarray(full.noise, dtype=np.float32)
-            repeated = np.concatenate([noise] * j)
-            # All J reduced conditions in one call: the image rows repeated per condition.
-            weakened = target.predict_noise(
-                np.concatenate([chunk] * j), flat_captions, timesteps=[t] * (n * j), noise=repeated
-            )
-            model_seconds += time.perf_counter() - tick
-            calls += n * (1 + j)
+            with run.in_model(n * (1 + j)):
+                # One (t_i, eps_i) per pair, shared by the full caption and every reduced one.
+                full = target.predict_noise(
+                    chunk, chunk_captions, timesteps=[t] * n, seed=run.seed + start * len(pairs) + index
+                )
+                noise = np.asarray(full.noise, dtype=np.float32)
+                repeated = np.concatenate([noise] * j)
+                # All J reduced conditions in one call: the image rows repeated per condition.
+                weakened = target.predict_noise(
+                    np.concatenate([chunk] * j), flat_captions, timesteps=[t] * (n * j), noise=repeated
+                )
             cond_error += squared_error(full.prediction, noise)
             reduced_error += squared_error(weakened.prediction, repeated).reshape(j, n).T
         cond_error /= len(pairs)
         reduced_error /= len(pairs)
-        rows.append(np.column_stack([reduced_error - cond_error[:, None], -cond_error]))
-        if progress is not None:
-            progress(n)
-    return ScoredQueries(
-        query_ids=[q.query_id for q in queries],
-        captions=captions,
-        scores=np.concatenate(rows).astype(np.float64),
-        # One query = one candidate (image, caption), as for the black box; `unet_calls` is the cost.
-        queries_spent=len(queries),
-        images_generated=0,
-        seconds_in_model=model_seconds,
-        seconds_total=time.perf_counter() - started,
-        unet_calls=calls,
-    )
+        run.add(np.column_stack([reduced_error - cond_error[:, None], -cond_error]))
+    return run.result(queries, j + 1, captions)
 
 
 @register_attack_family("clid")
-class CLiD(AttackFamily):
+class CLiD(GrayBoxFamily):
     """CLiD (Zhai et al., NeurIPS'24): features (D_1..D_J, L); see the module docstring."""
 
-    version = "1"
-    Params = CLiDParams
-
-    def access(self, query_access: QueryAccess) -> Access:
-        if query_access is QueryAccess.IMAGE_TO_IMAGE:
-            raise AttackFamilyError(
-                f"attack {self.name!r} needs gray-box access, not --query-access img2img; "
-                "drop --query-access or pick --attack pang-wang or rediffuse"
-            )
-        return Access.GRAY_BOX
-
-    def cost_per_query(self, config: AttackConfig, sampling: SamplingConfig) -> QueryCost:
-        return self.params.cost_per_query()
-
-    def score(
-        self,
-        target: BlackBoxTarget | GrayBoxTarget,
-        queries: Sequence[Query],
-        config: AttackConfig,
-        *,
-        encoder: ImageEncoder | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ScoredQueries:
-        if not isinstance(target, GrayBoxTarget):
-            raise TypeError(f"attack {self.name!r} needs a gray-box target, got {target!r}")
-        return score_clid(
-            target, queries, self.params, query_batch=config.query_batch, seed=config.seed, progress=progress
-        )
-
-    def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
-        return {
-            **super().hyperparameters(config),
-            "reduced_conditions": "trailing-word clipping + null caption (gradient-free; no importance clipping)",
-            "features": list(self.params.feature_names),
-            "reduction": "mean over latent elements",
-            "noise_seed": config.seed,
-        }
+    version, Params, scorer = "1", CLiDParams, staticmethod(score_clid)
 
 
 class CLiDThreshold:

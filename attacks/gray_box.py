@@ -7,7 +7,7 @@ timestep and noise and reads the predicted noise back), typed here as a `Protoco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,20 +28,12 @@ class NoisePredictionLike(Protocol):
 
 
 class NoisePredictor(Protocol):
-    """The gray-box interface (`benchmark.pipeline.target.GrayBoxTarget`)."""
+    """The gray-box interface: `predict_noise` called as `benchmark.pipeline.target.GrayBoxTarget.predict_noise`
+    (images, captions, *, timesteps, noise=None, seed=0) -> NoisePredictionLike."""
 
     name: str
     num_train_timesteps: int
-
-    def predict_noise(
-        self,
-        images: np.ndarray,
-        captions: Sequence[str | None],
-        *,
-        timesteps: Sequence[int] | np.ndarray,
-        noise: np.ndarray | None = None,
-        seed: int = 0,
-    ) -> NoisePredictionLike: ...
+    predict_noise: Callable[..., NoisePredictionLike]
 
 
 def check_paper_timestep(name: str, t: int) -> None:

@@ -11,17 +11,15 @@ per-generation similarities.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from attacks.attack import AttackConfig, ProgressFn, Query, ScoredQueries
-from attacks.encoders import ImageEncoder
-from attacks.families import Access, AttackFamily, AttackFamilyError, QueryCost, register_attack_family
-from attacks.scenarios import QueryAccess
-from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
+from attacks import families
+from attacks.attack import Query
+from attacks.families import GrayBoxFamily, QueryCost, ScoredQueries, register_attack_family
+from benchmark.pipeline.target import GrayBoxTarget
 
 
 @dataclass(frozen=True)
@@ -56,76 +54,37 @@ class LossParams:
     def pairs(self) -> int:
         return len(self.timesteps) * self.draws_per_timestep
 
+    def derived(self) -> dict[str, object]:
+        """Settings the record holds beside these fields."""
+        return {"pairs": self.pairs}
+
+    def cost_per_query(self) -> QueryCost:
+        """One denoiser call per (t, eps) pair."""
+        return QueryCost(images_generated=0, unet_calls=self.pairs)
+
+
+@families.batched_scorer(LossParams, query_batch=64)
+def score_loss(
+    target: GrayBoxTarget, queries: Sequence[Query], params: LossParams, run: families.ScoringRun
+) -> ScoredQueries:
+    """The negated denoising error per query and (t, eps) pair: (N, pairs), higher = member."""
+    families.require_captions(queries)
+    steps = params.model_timesteps(target.num_train_timesteps)
+    k = len(steps)
+    for start in range(0, len(queries), run.query_batch):
+        chunk = queries[start : start + run.query_batch]
+        images = np.repeat(np.stack([q.image for q in chunk]), k, axis=0)
+        captions = [q.caption for q in chunk for _ in range(k)]
+        # One seed per batch start, as the black-box attack: reproducible for a fixed batch size.
+        with run.in_model(len(chunk) * k):
+            answer = target.predict_noise(images, captions, timesteps=np.tile(steps, len(chunk)), seed=run.seed + start)
+        error = ((answer.prediction.astype(np.float64) - answer.noise) ** 2).reshape(len(chunk) * k, -1).mean(axis=1)
+        run.add(-error.reshape(len(chunk), k))
+    return run.result(queries, k)
+
 
 @register_attack_family("loss")
-class LossAttack(AttackFamily):
+class LossAttack(GrayBoxFamily):
     """-||eps_theta(z_t, t, c) - eps||^2 at fixed timesteps, one feature per (t, eps) pair."""
 
-    version = "1"
-    Params = LossParams
-
-    def access(self, query_access: QueryAccess) -> Access:
-        if query_access is QueryAccess.IMAGE_TO_IMAGE:
-            raise AttackFamilyError(
-                f"attack {self.name!r} needs gray-box access, not --query-access img2img; "
-                "drop --query-access or pick --attack pang-wang"
-            )
-        return Access.GRAY_BOX
-
-    def cost_per_query(self, config: AttackConfig, sampling: SamplingConfig) -> QueryCost:
-        return QueryCost(images_generated=0, unet_calls=self.params.pairs)
-
-    def score(
-        self,
-        target: BlackBoxTarget | GrayBoxTarget,
-        queries: Sequence[Query],
-        config: AttackConfig,
-        *,
-        encoder: ImageEncoder | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ScoredQueries:
-        if not isinstance(target, GrayBoxTarget):
-            raise TypeError(f"attack {self.name!r} needs a gray-box target, got {type(target)}")
-        missing = [q.query_id for q in queries if q.caption is None]
-        if missing:
-            raise ValueError(f"{len(missing)} queries have no caption (e.g. {missing[0]!r}); run caption_queries first")
-        steps = self.params.model_timesteps(target.num_train_timesteps)
-        k = len(steps)
-        before_u, before_s = target.unet_calls, target.seconds_generating
-        started = time.perf_counter()
-        rows = []
-        for start in range(0, len(queries), config.query_batch):
-            chunk = queries[start : start + config.query_batch]
-            images = np.repeat(np.stack([q.image for q in chunk]), k, axis=0)
-            captions = [q.caption for q in chunk for _ in range(k)]
-            # One seed per batch start, as the black-box attack: reproducible for a fixed batch size.
-            answer = target.predict_noise(
-                images, captions, timesteps=np.tile(steps, len(chunk)), seed=config.seed + start
-            )
-            error = (
-                ((answer.prediction.astype(np.float64) - answer.noise) ** 2).reshape(len(chunk) * k, -1).mean(axis=1)
-            )
-            rows.append(-error.reshape(len(chunk), k))
-            if progress is not None:
-                progress(len(chunk))
-        return ScoredQueries(
-            query_ids=[q.query_id for q in queries],
-            captions=[str(q.caption) for q in queries],
-            scores=np.concatenate(rows) if rows else np.zeros((0, k)),
-            # One query = one candidate (image, caption), as for the black box; `unet_calls` is the cost.
-            queries_spent=len(queries),
-            images_generated=0,
-            seconds_in_model=target.seconds_generating - before_s,
-            seconds_total=time.perf_counter() - started,
-            unet_calls=target.unet_calls - before_u,
-        )
-
-    def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
-        return {
-            "timesteps": list(self.params.timesteps),
-            "schedule_steps": self.params.schedule_steps,
-            "draws_per_timestep": self.params.draws_per_timestep,
-            "pairs": self.params.pairs,
-            "reduction": "mean over latent elements",
-            "noise_seed": config.seed,
-        }
+    version, Params, scorer = "1", LossParams, staticmethod(score_loss)

@@ -22,19 +22,15 @@ null caption (the paper's "no text" setting).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from attacks.attack import AttackConfig, ProgressFn, Query, ScoredQueries
-from attacks.encoders import ImageEncoder
-from attacks.families import Access, AttackFamily, AttackFamilyError, QueryCost, register_attack_family
+from attacks.attack import Query
+from attacks.families import GrayBoxFamily, QueryCost, ScoredQueries, ScoringRun, batched_scorer, register_attack_family
 from attacks.gray_box import NoisePredictor, check_paper_timestep, query_images, scale_timestep
-from attacks.scenarios import QueryAccess
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
 FEATURE_NAMES = ("neg_lp_error",)
 
@@ -58,6 +54,10 @@ class PIAParams:
     def feature_names(self) -> tuple[str, ...]:
         return FEATURE_NAMES
 
+    def derived(self) -> dict[str, object]:
+        """Settings the record holds beside these fields."""
+        return {"variant": "PIAN" if self.normalized else "PIA"}
+
     def cost_per_query(self) -> QueryCost:
         """Two denoiser calls: eps_0 at t = 0, then the prediction at t."""
         return QueryCost(images_generated=0, unet_calls=2)
@@ -71,90 +71,29 @@ def normalize_noise(eps: np.ndarray) -> np.ndarray:
     return (eps / scale * np.sqrt(2.0 / np.pi)).astype(np.float32)
 
 
-def score_pia(
-    target: NoisePredictor,
-    queries: Sequence[Query],
-    params: PIAParams = PIAParams(),
-    *,
-    query_batch: int = 64,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-) -> ScoredQueries:
+@batched_scorer(PIAParams, query_batch=64)
+def score_pia(target: NoisePredictor, queries: Sequence[Query], params: PIAParams, run: ScoringRun) -> ScoredQueries:
     """PIA's score per query as an (N, 1) feature matrix, higher = member."""
-    if query_batch < 1:
-        raise ConfigError(f"query_batch must be >= 1, got {query_batch}")
     images = query_images(queries)
     captions: list[str | None] = [q.caption for q in queries]
     t = scale_timestep(params.timestep, target.num_train_timesteps)
-    started = time.perf_counter()
-    model_seconds = 0.0
-    calls = 0
-    rows = []
-    for start in range(0, len(queries), query_batch):
-        chunk = images[start : start + query_batch]
-        chunk_captions = captions[start : start + query_batch]
+    for start in range(0, len(queries), run.query_batch):
+        chunk = images[start : start + run.query_batch]
+        chunk_captions = captions[start : start + run.query_batch]
         n = len(chunk)
-        tick = time.perf_counter()
-        first = target.predict_noise(chunk, chunk_captions, timesteps=[0] * n, seed=seed + start)
-        eps0 = np.asarray(first.prediction, dtype=np.float32)
-        if params.normalized:
-            eps0 = normalize_noise(eps0)
-        back = target.predict_noise(chunk, chunk_captions, timesteps=[t] * n, noise=eps0, seed=seed + start)
-        model_seconds += time.perf_counter() - tick
-        calls += 2 * n
+        with run.in_model(2 * n):
+            first = target.predict_noise(chunk, chunk_captions, timesteps=[0] * n, seed=run.seed + start)
+            eps0 = np.asarray(first.prediction, dtype=np.float32)
+            if params.normalized:
+                eps0 = normalize_noise(eps0)
+            back = target.predict_noise(chunk, chunk_captions, timesteps=[t] * n, noise=eps0, seed=run.seed + start)
         diff = np.abs(np.asarray(back.prediction, dtype=np.float64) - eps0.astype(np.float64))
-        rows.append(-(diff**params.lp).reshape(n, -1).mean(axis=1))
-        if progress is not None:
-            progress(n)
-    return ScoredQueries(
-        query_ids=[q.query_id for q in queries],
-        captions=["" if c is None else c for c in captions],
-        scores=np.concatenate(rows)[:, None].astype(np.float64),
-        queries_spent=len(queries),
-        images_generated=0,
-        seconds_in_model=model_seconds,
-        seconds_total=time.perf_counter() - started,
-        unet_calls=calls,
-    )
+        run.add(-(diff**params.lp).reshape(n, -1).mean(axis=1)[:, None])
+    return run.result(queries, 1, ["" if c is None else c for c in captions])
 
 
 @register_attack_family("pia")
-class PIA(AttackFamily):
+class PIA(GrayBoxFamily):
     """PIA / PIAN (Kong et al., ICLR'24): one feature, -||eps_theta(x_t, t, c) - eps_0||_p^p."""
 
-    version = "1"
-    Params = PIAParams
-
-    def access(self, query_access: QueryAccess) -> Access:
-        if query_access is QueryAccess.IMAGE_TO_IMAGE:
-            raise AttackFamilyError(
-                f"attack {self.name!r} needs gray-box access, not --query-access img2img; "
-                "drop --query-access or pick --attack pang-wang or rediffuse"
-            )
-        return Access.GRAY_BOX
-
-    def cost_per_query(self, config: AttackConfig, sampling: SamplingConfig) -> QueryCost:
-        return self.params.cost_per_query()
-
-    def score(
-        self,
-        target: BlackBoxTarget | GrayBoxTarget,
-        queries: Sequence[Query],
-        config: AttackConfig,
-        *,
-        encoder: ImageEncoder | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ScoredQueries:
-        if not isinstance(target, GrayBoxTarget):
-            raise TypeError(f"attack {self.name!r} needs a gray-box target, got {target!r}")
-        return score_pia(
-            target, queries, self.params, query_batch=config.query_batch, seed=config.seed, progress=progress
-        )
-
-    def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
-        return {
-            **super().hyperparameters(config),
-            "variant": "PIAN" if self.params.normalized else "PIA",
-            "reduction": "mean over latent elements",
-            "noise_seed": config.seed,
-        }
+    version, Params, scorer = "1", PIAParams, staticmethod(score_pia)

@@ -24,7 +24,6 @@ near-identity step at 0. `strength_for_timestep` computes this for other (t, N).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,13 +31,13 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from attacks.attack import AttackConfig, ProgressFn, Query, ScoredQueries
-from attacks.encoders import ImageEncoder
-from attacks.families import Access, AttackFamily, AttackFamilyError, QueryCost, register_attack_family
+from attacks import families
+from attacks.attack import AttackConfig, Query
+from attacks.families import Access, AttackFamily, AttackFamilyError, QueryCost, ScoredQueries, register_attack_family
 from attacks.gray_box import REFERENCE_TIMESTEPS, query_images
 from attacks.scenarios import QueryAccess
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
+from benchmark.pipeline.target import BlackBoxTarget, SamplingConfig
 
 FEATURE_NAMES = ("ssim", "neg_l2")
 # ITU-R 601 luma, as PIL's convert("L") that the reference code uses.
@@ -96,14 +95,9 @@ def ssim_gray(images: np.ndarray, references: np.ndarray, *, sigma: float = 1.5)
     return np.asarray(values, dtype=np.float64).reshape(len(a))
 
 
+@families.batched_scorer(ReDiffuseParams, query_batch=32, black_box=True)
 def score_rediffuse(
-    target: BlackBoxTarget,
-    queries: Sequence[Query],
-    params: ReDiffuseParams = ReDiffuseParams(),
-    *,
-    query_batch: int = 32,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
+    target: BlackBoxTarget, queries: Sequence[Query], params: ReDiffuseParams, run: families.ScoringRun
 ) -> ScoredQueries:
     """REDIFFUSE features (SSIM, -L2) of each query image against its averaged variations.
 
@@ -111,39 +105,22 @@ def score_rediffuse(
         ValueError: a query has no caption (caption it first).
         PermissionError: the target offers no image-to-image access.
     """
-    missing = [q.query_id for q in queries if q.caption is None]
-    if missing:
-        raise ValueError(f"{len(missing)} queries have no caption (e.g. {missing[0]!r}); run caption_queries first")
-    if query_batch < 1:
-        raise ConfigError(f"query_batch must be >= 1, got {query_batch}")
+    families.require_captions(queries)
     images = query_images(queries)
     captions = [str(q.caption) for q in queries]
-    before_q, before_i, before_s = target.query_count, target.images_generated, target.seconds_generating
-    started = time.perf_counter()
-    rows = []
-    for start in range(0, len(queries), query_batch):
-        chunk = images[start : start + query_batch]
+    for start in range(0, len(queries), run.query_batch):
+        chunk = images[start : start + run.query_batch]
         variations = target.img2img(
             chunk,
-            captions[start : start + query_batch],
+            captions[start : start + run.query_batch],
             strength=params.strength,
             num_images=params.num_variations,
-            seed=seed + start,
+            seed=run.seed + start,
         )
         average = np.asarray(variations, dtype=np.float32).mean(axis=1)
         l2 = ((average.astype(np.float64) - chunk) ** 2).reshape(len(chunk), -1).mean(axis=1)
-        rows.append(np.column_stack([ssim_gray(average, chunk, sigma=params.ssim_sigma), -l2]))
-        if progress is not None:
-            progress(len(chunk))
-    return ScoredQueries(
-        query_ids=[q.query_id for q in queries],
-        captions=captions,
-        scores=np.concatenate(rows).astype(np.float64),
-        queries_spent=target.query_count - before_q,
-        images_generated=target.images_generated - before_i,
-        seconds_in_model=target.seconds_generating - before_s,
-        seconds_total=time.perf_counter() - started,
-    )
+        run.add(np.column_stack([ssim_gray(average, chunk, sigma=params.ssim_sigma), -l2]))
+    return run.result(queries, len(FEATURE_NAMES), captions)
 
 
 @register_attack_family("rediffuse")
@@ -155,6 +132,8 @@ class ReDiffuse(AttackFamily):
 
     version = "1"
     Params = ReDiffuseParams
+    target_needs = "a black-box target with img2img"
+    scorer = staticmethod(score_rediffuse)
 
     def access(self, query_access: QueryAccess) -> Access:
         if query_access is not QueryAccess.IMAGE_TO_IMAGE:
@@ -166,25 +145,5 @@ class ReDiffuse(AttackFamily):
             num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale
         )
 
-    def score(
-        self,
-        target: BlackBoxTarget | GrayBoxTarget,
-        queries: Sequence[Query],
-        config: AttackConfig,
-        *,
-        encoder: ImageEncoder | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ScoredQueries:
-        if not isinstance(target, BlackBoxTarget):
-            raise TypeError(f"attack {self.name!r} needs a black-box target with img2img, got {target!r}")
-        return score_rediffuse(
-            target, queries, self.params, query_batch=config.query_batch, seed=config.seed, progress=progress
-        )
-
-    def hyperparameters(self, config: AttackConfig) -> dict[str, object]:
-        return {
-            **super().hyperparameters(config),
-            "features": list(FEATURE_NAMES),
-            "ssim_on": "luma, data range 1",
-            "seed": config.seed,
-        }
+    def derived_hyperparameters(self, config: AttackConfig) -> dict[str, object]:
+        return {"features": list(FEATURE_NAMES), "ssim_on": "luma, data range 1", "seed": config.seed}

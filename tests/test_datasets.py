@@ -161,9 +161,16 @@ def test_invalid_json_line_names_line_number(tmp_path: Path) -> None:
     assert "not valid JSON" in message
 
 
-def test_non_object_line(tmp_path: Path) -> None:
-    root = _folder(tmp_path / "data", raw_lines=['["a.png", "caption"]'])
-    assert "metadata.jsonl:1: expected a JSON object" in _error(root)
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['["a.png", "caption"]'], "metadata.jsonl:1: expected a JSON object"),
+        ([""], "lists no images"),
+    ],
+    ids=["line-not-an-object", "empty-metadata"],
+)
+def test_metadata_that_lists_no_usable_image(tmp_path: Path, lines: list[str], message: str) -> None:
+    assert message in _error(_folder(tmp_path / "data", raw_lines=lines))
 
 
 def test_missing_image_file(tmp_path: Path) -> None:
@@ -204,11 +211,6 @@ def test_path_outside_folder_rejected(tmp_path: Path) -> None:
     _png(tmp_path / "outside.png", (1, 2, 3))
     root = _folder(tmp_path / "data", [{"file_name": "../outside.png", "text": "escape"}])
     assert "outside the dataset folder" in _error(root)
-
-
-def test_empty_metadata(tmp_path: Path) -> None:
-    root = _folder(tmp_path / "data", raw_lines=[""])
-    assert "lists no images" in _error(root)
 
 
 def test_duplicate_file_names_rejected(tmp_path: Path) -> None:

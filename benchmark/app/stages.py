@@ -339,18 +339,13 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
             advance(len(shadow_queries) + len(tgt.queries))
         caption_match = _caption_match(truth_target, queries, tgt.labels, truth_shadow, shadow_queries)
 
+    # The attacker's settings are the run's, under the same names (the img2img strength aside).
+    same_names = {f.name for f in dataclasses.fields(AttackConfig)} & {f.name for f in dataclasses.fields(config)}
     attack_config = AttackConfig(
+        **{name: getattr(config, name) for name in same_names - {"scenario", "attack_model"}},
         scenario=scenario,
         attack_model=attack_model,
-        encoder=config.encoder,
-        distance=config.distance,
-        generations_per_query=config.generations_per_query,
-        query_access=config.query_access,
         strength=config.img2img_strength,
-        query_batch=config.query_batch,
-        seed=config.seed,
-        attack=config.attack,
-        attack_args=config.attack_args,
     )
     family = attack_config.family()
     # The attacker gets the access its family needs: images out of captions, or noise predictions.
