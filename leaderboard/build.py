@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import re
 import statistics
@@ -16,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 import leaderboard.plots as plotting
 from benchmark.kernel.errors import BenchmarkError
@@ -170,24 +171,34 @@ def _envelope(cis: list[tuple[float, float] | None]) -> tuple[float, float] | No
     return min(c[0] for c in cis if c), max(c[1] for c in cis if c)
 
 
-def _per_seed(entries: list[Entry]) -> dict[int, list[Entry]]:
-    out: dict[int, list[Entry]] = defaultdict(list)
-    for e in entries:
-        out[e.seed].append(e)
-    return dict(sorted(out.items()))
+def entries_frame(entries: list[Entry]) -> pd.DataFrame:
+    """One row per entry (the Entry itself in column `entry`) with the axes the board groups by."""
+    return pd.DataFrame(
+        {
+            "entry": entries,
+            "dataset": [e.dataset for e in entries],
+            "scenario": [e.scenario for e in entries],
+            "utility_key": [e.utility_key for e in entries],
+            "defense": [e.defense for e in entries],
+            "attack_model": [e.attack_model for e in entries],
+            "seed": [e.seed for e in entries],
+        },
+        columns=["entry", "dataset", "scenario", "utility_key", "defense", "attack_model", "seed"],
+    )
 
 
-def _worst(by_model: dict[str, list[Entry]], metric: Any) -> tuple[str, list[Entry]]:
+def _per_seed(frame: pd.DataFrame) -> dict[int, list[Entry]]:
+    return {int(seed): list(group["entry"]) for seed, group in frame.groupby("seed", sort=True)}
+
+
+def _worst(frame: pd.DataFrame, metric: Any) -> tuple[str, list[Entry]]:
     """The attack model with the highest mean of `metric` over seeds (ties: name order)."""
-    best_name, best_mean = "", -math.inf
-    for name in sorted(by_model):
-        values = [v for v in (metric(e) for e in by_model[name]) if v is not None]
-        if not values:
-            continue
-        mean = statistics.fmean(values)
-        if mean > best_mean:
-            best_name, best_mean = name, mean
-    return best_name, by_model.get(best_name, [])
+    values = frame.assign(value=[metric(e) for e in frame["entry"]]).dropna(subset=["value"])
+    if values.empty:
+        return "", []
+    means = values.groupby("attack_model", sort=True)["value"].mean()
+    name = str(means.idxmax())  # the first maximum in name order
+    return name, list(frame.loc[frame["attack_model"] == name, "entry"])
 
 
 def _fpr_label(fpr: float) -> str:
@@ -195,19 +206,17 @@ def _fpr_label(fpr: float) -> str:
 
 
 def _row(defense: str, entries: list[Entry]) -> Row:
-    by_model: dict[str, list[Entry]] = defaultdict(list)
-    for e in entries:
-        by_model[e.attack_model].append(e)
-    seeds = sorted({e.seed for e in entries})
-    row = Row(defense=defense, seeds=seeds, attack_models=sorted(by_model))
+    frame = entries_frame(entries)
+    models = sorted(frame["attack_model"].unique())
+    row = Row(defense=defense, seeds=sorted(int(s) for s in frame["seed"].unique()), attack_models=models)
 
-    model, chosen = _worst(by_model, lambda e: e.auc)
+    model, chosen = _worst(frame, lambda e: e.auc)
     aucs = [e.auc for e in chosen]
     row.auc = statistics.fmean(aucs)
     row.cells["auc"] = _fmt(aucs, ci=_envelope([e.auc_ci for e in chosen]))
     row.cells["auc_model"] = escape(model)
     for fpr in LOW_FPRS:
-        model, chosen = _worst(by_model, lambda e, f=fpr: e.tpr[f][0] if f in e.tpr else None)
+        model, chosen = _worst(frame, lambda e, f=fpr: e.tpr[f][0] if f in e.tpr else None)
         items = [e.tpr[fpr] for e in chosen if fpr in e.tpr]
         if not items:
             row.cells[f"tpr{fpr}"] = "–"
@@ -216,12 +225,12 @@ def _row(defense: str, entries: list[Entry]) -> Row:
         supported = all(i[3] for i in items)
         text = _fmt([i[0] for i in items], ci=_envelope([i[1] for i in items]))
         text += f" (n₀={n}{'' if supported else ', †'})"
-        if len(by_model) > 1:
+        if len(models) > 1:
             text += f" {escape(model)}"
         row.cells[f"tpr{fpr}"] = text
 
     # One target model per seed: utility and epsilon do not depend on the attack model.
-    per_seed = _per_seed(entries)
+    per_seed = _per_seed(frame)
     eps = [v for v in (_first(s, lambda e: e.epsilon) for s in per_seed.values()) if v is not None]
     row.cells["eps"] = _fmt(eps, digits=2) if eps else "–"
     fids = [v for v in (_first(s, lambda e: e.fid) for s in per_seed.values()) if v is not None]
@@ -244,13 +253,11 @@ def _first(entries: list[Entry], get: Any) -> float | None:
 
 
 def aggregate(entries: list[Entry]) -> list[Table]:
-    groups: dict[tuple[str, str, tuple[str, str]], dict[str, list[Entry]]] = defaultdict(lambda: defaultdict(list))
-    for e in entries:
-        groups[(e.dataset, e.scenario, e.utility_key)][e.defense].append(e)
+    frame = entries_frame(entries)
     tables = []
-    for dataset, scenario, key in sorted(groups):
-        rows = [_row(defense, items) for defense, items in sorted(groups[(dataset, scenario, key)].items())]
-        reference = _base_model_row(groups[(dataset, scenario, key)].get("none", []))
+    for (dataset, scenario, key), group in frame.groupby(["dataset", "scenario", "utility_key"], sort=True):
+        rows = [_row(str(defense), list(items["entry"])) for defense, items in group.groupby("defense", sort=True)]
+        reference = _base_model_row(list(group.loc[group["defense"] == "none", "entry"]))
         with_fid = [r for r in rows if r.fid is not None]
         if with_fid:
             use_clip = all(r.clip is not None for r in with_fid)
