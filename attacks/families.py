@@ -40,7 +40,7 @@ ProgressFn = Callable[[int], None]
 
 
 class Access(enum.Enum):
-    """What a family needs of the provider (the access levels of ATTACKS-AND-MITIGATIONS.md)."""
+    """What a family needs of the provider: the access levels of docs/methods.md, "Attacks beyond the paper"."""
 
     BLACK_BOX = "black-box"  # prompt -> images
     BLACK_BOX_IMG2IMG = "black-box-img2img"  # image + prompt -> variations

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmark.app.config import upgrade_config_dict
+from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.records import (
     SCHEMA_VERSION,
     ComponentRecord,
@@ -92,10 +94,10 @@ def upgrade_v1(data: dict[str, Any], *, source: str = "record") -> dict[str, Any
     }
     if data.get("utility") is not None:
         out["utility"] = UtilityRecord.from_measurement(data["utility"]).to_dict()
-    config = dict(data["config"])
-    if "preset" in config and "profile" not in config:
-        config = {("profile" if k == "preset" else k): v for k, v in config.items()}
-    out["config"] = config
+    try:
+        out["config"] = upgrade_config_dict(data["config"])
+    except ConfigError as exc:
+        raise RecordError(f"{source}: {exc}") from None
     out["schema_version"] = 2
     return out
 
