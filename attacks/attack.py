@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from attacks.attack_models import ATTACK_MODELS, AttackModel
+from attacks.attack_models import ATTACK_MODELS, AttackModel, check_family
 from attacks.captioners import Captioner
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, ImageEncoder
@@ -57,6 +57,7 @@ class AttackConfig:
         ENCODERS.get(self.encoder)
         DISTANCES.get(self.distance)
         ATTACK_FAMILIES.get(self.attack)
+        check_family(self.attack_model, self.attack)
 
     def family(self) -> AttackFamily:
         """The attack family with this configuration's hyperparameters."""

@@ -14,7 +14,8 @@ rises more than a non-member's when its caption is weakened. Following the paper
     L = -mean_i ||eps_theta(x_{t_i}, t_i, c) - eps_i||^2
 
 * Eq. 17 (CLiD_th): alpha * S(mean_j D_j) + (1 - alpha) * S(L) > tau, with S a robust scaler
-  (a - median) / IQR; `CLiDThreshold` fits S, alpha and tau on the shadow.
+  (a - median) / IQR; `CLiDThreshold` fits S, alpha and tau on the shadow. It is the attack
+  model `clid_th` (`--attack clid --attack-model clid_th`), for this family's features only.
 * Eq. 18 (CLiD_vec): a classifier on (D_1..D_J, L); the harness's `classifier` attack model
   on `score_clid`'s feature matrix plays that role.
 
@@ -42,6 +43,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from attacks import families
 from attacks.attack import Query
+from attacks.attack_models import AttackModel, register_attack_model
 from attacks.families import GrayBoxFamily, QueryCost, ScoredQueries, register_attack_family
 from attacks.gray_box import (
     NoisePredictor,
@@ -175,7 +177,8 @@ class CLiD(GrayBoxFamily):
     version, Params, scorer = "1", CLiDParams, staticmethod(score_clid)
 
 
-class CLiDThreshold:
+@register_attack_model("clid_th")
+class CLiDThreshold(AttackModel):
     """CLiD_th (Eq. 17): alpha * S(mean_j D_j) + (1 - alpha) * S(L), fitted on the shadow only.
 
     S is a robust scaler (median / IQR) per term, fitted on all shadow queries. alpha is the
@@ -184,8 +187,10 @@ class CLiDThreshold:
     features (D_1..D_J, L), L last.
     """
 
-    name = "clid_th"
     version = "1"
+    # Column j < J is D_j and the last is L: another family's score vector has no such meaning.
+    families = frozenset({"clid"})
+    min_features = 2
 
     def __init__(self, *, alpha: float | None = None, alpha_steps: int = 20) -> None:
         if alpha is not None and not 0.0 <= alpha <= 1.0:

@@ -54,9 +54,12 @@ class AttackModelContract:
     def test_fits_on_the_shadow_and_orients_scores(self, m: int) -> None:
         from sklearn.metrics import roc_auc_score
 
+        attack = self.make()
+        narrowest = getattr(attack, "min_features", 1)  # declared on `AttackModel`; 1 for any other object
+        if m < narrowest:
+            pytest.skip(f"{attack.name} reads at least {narrowest} scores per query")
         scores, labels = gaussian_scores(60, 7, m=m)
         original = scores.copy()
-        attack = self.make()
         assert attack.fit(scores, labels) is attack
         np.testing.assert_array_equal(scores, original)  # fit never mutates its input
         fresh, truth = gaussian_scores(60, 8, m=m)

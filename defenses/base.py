@@ -5,7 +5,8 @@ A defense is a class with a frozen, typed `Config` dataclass, registered with
 through `TrainingHooks` (see `benchmark.pipeline.finetune`): they override
 `training_hooks()`, inherit `fine_tune()`, and can then be composed with other
 defenses (`dpsgd+lora`). A defense that overrides `fine_tune()` itself works on
-its own but cannot be composed.
+its own but cannot be composed. A generation-time defense changes sampling inside
+the black box through `SamplingHooks` (`sampling_hooks()`), composed the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from benchmark.kernel.plugins import component_origin
 from benchmark.kernel.registry import Registry
 from benchmark.pipeline.finetune import ComposedHooks, StepCallback, TrainConfig, TrainingHooks, TrainReport, train
 from benchmark.pipeline.models.diffusion import DiffusionModel
+from benchmark.pipeline.models.sampling import ComposedSamplingHooks, SamplingHooks
 
 ENTRY_POINT_GROUP = "benchmark.defenses"
 
@@ -50,8 +52,8 @@ class Defense:
         presets: tag -> field values, declared with `register_defense(..., presets=...)`.
         stage: order of `setup` when composed (lower first; `finish` runs in reverse).
             Wrappers that must see the final parameters (DP-SGD) come last.
-        claims: parts of the loop the defense takes over; two defenses that claim
-            the same part cannot be composed.
+        claims: parts of the training or sampling loop the defense takes over; two
+            defenses that claim the same part cannot be composed.
     """
 
     name: ClassVar[str] = "?"
@@ -70,6 +72,18 @@ class Defense:
     def training_hooks(self) -> TrainingHooks:
         """Fresh hooks for one fine-tuning run (the default: the plain recipe)."""
         return TrainingHooks()
+
+    def sampling_hooks(self) -> SamplingHooks:
+        """Fresh hooks for the fine-tuned model's sampler (the default: plain sampling)."""
+        return SamplingHooks()
+
+    def training_identity(self) -> dict[str, object] | None:
+        """What of this defense shapes the trained weights (it keys the fine-tune cache).
+
+        None: the defense trains exactly as the plain recipe (it acts at generation only),
+        so its fine-tune is shared with `none` at the same recipe and seed.
+        """
+        return self.describe()
 
     def recipe(self, train_config: TrainConfig) -> TrainConfig:
         """The recipe `fine_tune` will run with (a defense may bring its own epochs or learning rate)."""
@@ -131,6 +145,18 @@ class ComposedDefense(Defense):
         for part in self.parts:
             train_config = part.recipe(train_config)
         return train_config
+
+    def sampling_hooks(self) -> SamplingHooks:
+        return ComposedSamplingHooks([part.sampling_hooks() for part in self.parts])
+
+    def training_identity(self) -> dict[str, object] | None:
+        parts = [(part.name, part.training_identity()) for part in sorted(self.parts, key=lambda d: d.name)]
+        trained = {name: identity for name, identity in parts if identity is not None}
+        if not trained:
+            return None
+        if len(trained) == 1:
+            return next(iter(trained.values()))
+        return {"composed": trained}
 
     def _run_hooks(self) -> tuple[TrainingHooks, Callable[[], dict[str, object]]]:
         hooks = [part.training_hooks() for part in self.parts]

@@ -21,9 +21,11 @@ import pandas as pd
 import leaderboard.plots as plotting
 from benchmark.kernel.errors import BenchmarkError
 from benchmark.pipeline.records import RecordError, ResultRecord, read_record
-from leaderboard.tables import BASE_MODEL_ROW, Entry, Row, Table, pareto
+from leaderboard.tables import BASE_MODEL_ROW, BLACK_BOX_ACCESS, Entry, Row, Table, pareto
 
 PLOTS_DIRNAME = "leaderboard_plots"
+# Beside the all-attacks AUC of a defense that stops only the black-box attack (see the legend).
+BLACK_BOX_ONLY_MARK = "⚠"
 LOW_FPRS = (0.01, 0.001)
 NO_UTILITY = ("", "")
 
@@ -135,6 +137,9 @@ def _entry(rel: str, record: ResultRecord) -> Entry:
         base_fid=base.fid if base is not None else None,
         base_kid=base.kid_mean if base is not None else None,
         base_clip=base.clip_score if base is not None else None,
+        family=attack.family,
+        # Records from before access was recorded are Pang & Wang's text-to-image black box.
+        access=attack.access or "black-box",
     )
 
 
@@ -181,9 +186,11 @@ def entries_frame(entries: list[Entry]) -> pd.DataFrame:
             "utility_key": [e.utility_key for e in entries],
             "defense": [e.defense for e in entries],
             "attack_model": [e.attack_model for e in entries],
+            "attack": [e.attack for e in entries],
+            "access": [e.access for e in entries],
             "seed": [e.seed for e in entries],
         },
-        columns=["entry", "dataset", "scenario", "utility_key", "defense", "attack_model", "seed"],
+        columns=["entry", "dataset", "scenario", "utility_key", "defense", "attack_model", "attack", "access", "seed"],
     )
 
 
@@ -192,42 +199,73 @@ def _per_seed(frame: pd.DataFrame) -> dict[int, list[Entry]]:
 
 
 def _worst(frame: pd.DataFrame, metric: Any) -> tuple[str, list[Entry]]:
-    """The attack model with the highest mean of `metric` over seeds (ties: name order)."""
+    """The attack (family/attack-model) with the highest mean of `metric` over seeds (ties: name order)."""
     values = frame.assign(value=[metric(e) for e in frame["entry"]]).dropna(subset=["value"])
     if values.empty:
         return "", []
-    means = values.groupby("attack_model", sort=True)["value"].mean()
+    means = values.groupby("attack", sort=True)["value"].mean()
     name = str(means.idxmax())  # the first maximum in name order
-    return name, list(frame.loc[frame["attack_model"] == name, "entry"])
+    return name, list(frame.loc[frame["attack"] == name, "entry"])
 
 
 def _fpr_label(fpr: float) -> str:
     return f"{fpr * 100:g}%"
 
 
-def _row(defense: str, entries: list[Entry]) -> Row:
-    frame = entries_frame(entries)
-    models = sorted(frame["attack_model"].unique())
-    row = Row(defense=defense, seeds=sorted(int(s) for s in frame["seed"].unique()), attack_models=models)
+@dataclass(frozen=True)
+class WorstCase:
+    """The worst case over a set of attacks: mean AUC over seeds and its interval (the widest over seeds)."""
 
-    model, chosen = _worst(frame, lambda e: e.auc)
+    auc: float
+    ci: tuple[float, float] | None
+
+
+def _worst_case(frame: pd.DataFrame, prefix: str, row: Row) -> WorstCase | None:
+    """Fill `row.cells[prefix + ...]` with the worst case over the attacks in `frame`: the AUC, the attack
+    behind it, and TPR at each low FPR; "–" in each (not measured) and None where `frame` is empty."""
+    if frame.empty:
+        for key in ("auc", "auc_attack", *(f"tpr{fpr}" for fpr in LOW_FPRS)):
+            row.cells[prefix + key] = "–"
+        return None
+    several = frame["attack"].nunique() > 1
+    attack, chosen = _worst(frame, lambda e: e.auc)
     aucs = [e.auc for e in chosen]
-    row.auc = statistics.fmean(aucs)
-    row.cells["auc"] = _fmt(aucs, ci=_envelope([e.auc_ci for e in chosen]))
-    row.cells["auc_model"] = escape(model)
+    worst = WorstCase(statistics.fmean(aucs), _envelope([e.auc_ci for e in chosen]))
+    row.cells[prefix + "auc"] = _fmt(aucs, ci=worst.ci)
+    row.cells[prefix + "auc_attack"] = escape(attack)
     for fpr in LOW_FPRS:
-        model, chosen = _worst(frame, lambda e, f=fpr: e.tpr[f][0] if f in e.tpr else None)
+        attack, chosen = _worst(frame, lambda e, f=fpr: e.tpr[f][0] if f in e.tpr else None)
         items = [e.tpr[fpr] for e in chosen if fpr in e.tpr]
         if not items:
-            row.cells[f"tpr{fpr}"] = "–"
+            row.cells[f"{prefix}tpr{fpr}"] = "–"
             continue
         n = min(i[2] for i in items)
         supported = all(i[3] for i in items)
         text = _fmt([i[0] for i in items], ci=_envelope([i[1] for i in items]))
         text += f" (n₀={n}{'' if supported else ', †'})"
-        if len(models) > 1:
-            text += f" {escape(model)}"
-        row.cells[f"tpr{fpr}"] = text
+        if several:
+            text += f" {escape(attack)}"
+        row.cells[f"{prefix}tpr{fpr}"] = text
+    return worst
+
+
+def _row(defense: str, entries: list[Entry]) -> Row:
+    frame = entries_frame(entries)
+    attacks = sorted(frame["attack"].unique())
+    row = Row(defense=defense, seeds=sorted(int(s) for s in frame["seed"].unique()), attack_models=attacks)
+
+    black_box = frame["access"].isin(BLACK_BOX_ACCESS)
+    bb = _worst_case(frame[black_box], "bb_", row)
+    # Without a gray-box record the worst case over all attacks was not measured: "–", never the
+    # black-box figure again under another heading.
+    every = _worst_case(frame if (~black_box).any() else frame.iloc[:0], "all_", row)
+    row.auc_black_box = None if bb is None else bb.auc
+    row.auc_all = None if every is None else every.auc
+    # The worst case over every attack measured (the Pareto front and the plots rank by it).
+    row.auc = every.auc if every is not None else bb.auc  # type: ignore[union-attr]
+    if bb is not None and every is not None and bb.ci is not None and every.ci is not None:
+        # Non-overlapping 95% intervals: the gray-box attacks do significantly better than the black box.
+        row.black_box_only = every.ci[0] > bb.ci[1]
 
     # One target model per seed: utility and epsilon do not depend on the attack model.
     per_seed = _per_seed(frame)
@@ -245,15 +283,35 @@ def _row(defense: str, entries: list[Entry]) -> Row:
 
 
 def _first(entries: list[Entry], get: Any) -> float | None:
-    for e in sorted(entries, key=lambda e: (e.attack_model, e.path)):
+    for e in sorted(entries, key=lambda e: (e.attack, e.path)):
         value = get(e)
         if value is not None:
             return value
     return None
 
 
+def _joined_utility_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """A record without utility joins the table of its target's records that have it.
+
+    A gray-box attack run with `--no-utility-metrics` attacks the same fine-tuned target
+    (same dataset, scenario, defense and seed) as a Pang & Wang record that measured its
+    utility; it belongs in that row, not in a table of its own. Where the target's
+    records name no feature network, or more than one, nothing is joined.
+    """
+    target = ["dataset", "scenario", "defense", "seed"]
+    measured: dict[tuple[object, ...], set[tuple[str, str]]] = {}
+    for row in frame.itertuples(index=False):
+        if row.utility_key != NO_UTILITY:
+            measured.setdefault(tuple(getattr(row, c) for c in target), set()).add(row.utility_key)
+    keys = []
+    for row in frame.itertuples(index=False):
+        found = measured.get(tuple(getattr(row, c) for c in target), set())
+        keys.append(next(iter(found)) if row.utility_key == NO_UTILITY and len(found) == 1 else row.utility_key)
+    return frame.assign(utility_key=keys)
+
+
 def aggregate(entries: list[Entry]) -> list[Table]:
-    frame = entries_frame(entries)
+    frame = _joined_utility_keys(entries_frame(entries))
     tables = []
     for (dataset, scenario, key), group in frame.groupby(["dataset", "scenario", "utility_key"], sort=True):
         rows = [_row(str(defense), list(items["entry"])) for defense, items in group.groupby("defense", sort=True)]
@@ -319,9 +377,15 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         "",
         "Generated by `python -m leaderboard build` from the result records; do not edit by hand.",
         "",
-        "- Privacy: the attack's ROC AUC and TPR at low FPR on the target, the **worst case (max) over attack "
-        "models** (the attack model behind the AUC is named; for TPR it is named when there are several). "
-        "Lower is better (↓); 0.5 AUC is chance.",
+        "- Privacy: the attack's ROC AUC and TPR at low FPR on the target, the **worst case (max) over attacks**, "
+        "each attack named `family/attack-model` (the attack behind the AUC is named; for TPR it is named when "
+        "there are several). Lower is better (↓); 0.5 AUC is chance.",
+        "- Safe against whom? *black box*: the worst case over the attacks that only query the provider's API "
+        "(access black-box or black-box-img2img, e.g. pang-wang, rediffuse); *all attacks*: the worst case over "
+        "every attack run against the defense, gray-box ones included (they read the model's noise predictions, "
+        "e.g. loss, clid, pia). – in the all-attacks columns: no gray-box attack was measured on that defense.",
+        f"- {BLACK_BOX_ONLY_MARK} marks a defense that only stops the black-box attack: the 95% interval of its "
+        "all-attacks AUC lies entirely above that of its black-box AUC (the intervals do not overlap).",
         "- Figures are mean ± std over seeds (std 0 with one seed); [low, high] is the 95% bootstrap interval "
         "(the widest over seeds) where records carry one.",
         "- n₀ is the number of non-members behind a TPR@FPR figure; † marks a figure those non-members "
@@ -329,17 +393,19 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         "- ε: DP-SGD privacy budget spent, where the defense has one.",
         "- Utility (FID ↓, KID ↓, CLIP score ↑) is only compared within one feature network (weights hash); "
         "records measured with another network get their own table.",
-        "- ★ marks the privacy-utility Pareto front among the defenses (lower AUC, lower FID, higher CLIP score).",
+        "- ★ marks the privacy-utility Pareto front among the defenses (lower AUC, lower FID, higher CLIP score), "
+        "on the all-attacks AUC (the black-box one where no gray-box attack was measured).",
         f"- *{BASE_MODEL_ROW}*: the base model before fine-tuning under the same protocol (its AUC is the "
         "undefended attack applied to it, a control that should sit near 0.5). A defense this row dominates "
         "costs more utility than not fine-tuning at all.",
         "",
     ]
     header = (
-        "| defense | seeds | attack models | AUC ↓ | worst attack (AUC) | TPR@1%FPR ↓ | TPR@0.1%FPR ↓ | ε ↓ "
+        "| defense | seeds | attacks | AUC ↓ black box | worst black-box attack | TPR@1%FPR ↓ black box "
+        "| TPR@0.1%FPR ↓ black box | AUC ↓ all attacks | worst attack | TPR@1%FPR ↓ all attacks | ε ↓ "
         "| FID ↓ | KID ↓ | CLIP score ↑ | Pareto |"
     )
-    sep = "|" + "---|" * 12
+    sep = "|" + "---|" * 15
     last_section = None
     for table in tables:
         section = (table.dataset, table.scenario)
@@ -358,9 +424,11 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         for r in table.rows:
             mark = "★" if r.pareto else ""
             name = f"*{escape(r.defense)}*" if r.reference else escape(r.defense)
+            everything = r.cells["all_auc"] + (f" {BLACK_BOX_ONLY_MARK}" if r.black_box_only else "")
             out.append(
-                f"| {name} | {len(r.seeds)} | {len(r.attack_models)} | {r.cells['auc']} "
-                f"| {r.cells['auc_model']} | {r.cells['tpr0.01']} | {r.cells['tpr0.001']} | {r.cells['eps']} "
+                f"| {name} | {len(r.seeds)} | {len(r.attack_models)} | {r.cells['bb_auc']} "
+                f"| {r.cells['bb_auc_attack']} | {r.cells['bb_tpr0.01']} | {r.cells['bb_tpr0.001']} "
+                f"| {everything} | {r.cells['all_auc_attack']} | {r.cells['all_tpr0.01']} | {r.cells['eps']} "
                 f"| {r.cells['fid']} | {r.cells['kid']} | {r.cells['clip']} | {mark} |"
             )
         out.append("")
@@ -396,7 +464,10 @@ def summary(tables: list[Table]) -> str:
             for r in t.rows:
                 rows[r.defense][t.scenario] = r
         network = "no utility" if key == NO_UTILITY else f"utility on {escape(key[0])}"
-        out += [f"**{escape(dataset)}** ({network}): attack AUC ↓ (worst case over attack models) per scenario", ""]
+        out += [
+            f"**{escape(dataset)}** ({network}): attack AUC ↓ (worst case over all attacks measured) per scenario",
+            "",
+        ]
         out.append(
             "| defense | "
             + " | ".join(f"AUC {escape(s)}" for s in scenarios)

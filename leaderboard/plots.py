@@ -64,7 +64,7 @@ def tradeoff(table: Table) -> bytes:
             ax.legend(loc="upper left" if attr == "clip" else "upper right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"{label} ({plain_text(table.utility_key[0])})", fontsize=8)
-        ax.set_ylabel("attack AUC ↓ (worst case over attack models)")
+        ax.set_ylabel("attack AUC ↓ (worst case over all attacks)")
     title = plain_text(f"{table.dataset}, scenario {table.scenario}")
     fig.suptitle(f"{title}: privacy-utility trade-off", fontsize=10)
     fig.tight_layout()
@@ -84,11 +84,11 @@ def roc_curve(labels: list[int], scores: list[float]) -> tuple[np.ndarray, np.nd
 
 
 def roc(entries: list[Entry], title: str) -> bytes | None:
-    """Log-log ROC curves, one colour per defense preset and attack model, one line per seed."""
+    """Log-log ROC curves, one colour per defense preset and attack (family/attack-model), one line per seed."""
     curves: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         if e.labels and len(set(e.labels)) == 2 and len(e.labels) == len(e.scores):
-            curves[(e.defense, e.attack_model)].append(e)
+            curves[(e.defense, e.attack)].append(e)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 5))

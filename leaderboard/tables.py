@@ -36,18 +36,35 @@ class Entry:
     base_fid: float | None = None
     base_kid: float | None = None
     base_clip: float | None = None
+    # The attack family and the access it had; a record from before families is Pang & Wang's black box.
+    family: str = "pang-wang"
+    access: str = "black-box"
+
+    @property
+    def attack(self) -> str:
+        """The attack as the board names it: family/attack-model."""
+        return f"{self.family}/{self.attack_model}"
 
 
 BASE_MODEL_ROW = "base model, not fine-tuned (reference)"
+# The accesses of a black-box attacker (a provider's API); anything else (gray-box) reads the model's internals.
+BLACK_BOX_ACCESS = ("black-box", "black-box-img2img")
 
 
 @dataclass
 class Row:
     defense: str
     seeds: list[int]
+    # The attacks behind the row, as family/attack-model.
     attack_models: list[str]
     cells: dict[str, str] = field(default_factory=dict)
+    # The worst-case AUC the Pareto front and the plots use: over all attacks measured.
     auc: float = math.nan
+    # Worst-case AUC over the black-box attacks, and over all attacks where a gray-box one was run.
+    auc_black_box: float | None = None
+    auc_all: float | None = None
+    # The all-attacks AUC interval lies entirely above the black-box one: the defense stops only the black box.
+    black_box_only: bool = False
     fid: float | None = None
     clip: float | None = None
     pareto: bool = False

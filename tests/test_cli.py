@@ -38,7 +38,7 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--defense", "nonee"], ["unknown defense 'nonee'", "did you mean 'none'", "available: ", "none; presets:"]),
+        (["--defense", "nonee"], ["unknown defense 'nonee'", "did you mean 'none'", "available: ", "wen; presets:"]),
         (["--dataset", "scene"], ["unknown dataset 'scene'", "did you mean 'scenes'", "folder, scenes"]),
         (["--model", "tinyy"], ["unknown model 'tinyy'", "did you mean 'tiny'", "sd15, tiny"]),
         (["--attack-model", "treshold"], ["did you mean 'threshold'"]),
@@ -99,6 +99,7 @@ def test_folder_dataset_without_path(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["--learning-rate", "0"], "--finetune.learning-rate must be > 0"),
         (["--scenario", "V"], "unknown scenario 'V'"),
         (["--scenario", "all", "--attack-model", "threshold,clasifier"], "did you mean 'classifier'"),
+        (["--attack", "loss", "--attack-model", "threshold,clid_th"], "reads the features of attack family clid only"),
         (["--generations", "0"], "--generations-per-query must be >= 1"),
         (["--query-batch", "0"], "--query-batch must be >= 1"),
         (["--scenario", "I", "--members", "3"], "the target has only 3"),
@@ -154,6 +155,49 @@ def test_list_prints_every_registry(capsys: pytest.CaptureFixture[str]) -> None:
     entries = {words[0] for words in lines if words}
     for name in ("none", "threshold", "pixels", "scenes", "folder", "tiny", "sd15", "cosine", "micro", "III"):
         assert name in entries, name
+
+
+def test_list_shows_attack_families_with_access_and_cost_and_defense_claims(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from attacks.families import ATTACK_FAMILIES
+    from defenses import DEFENSES
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr()
+    lines = (out.err + out.out).splitlines()
+    assert any(line.startswith("defense presets") for line in lines)  # still listed
+    start = next(i for i, line in enumerate(lines) if line.startswith("attacks "))
+    section = lines[start + 1 : next(i for i, line in enumerate(lines) if line.startswith("scenarios"))]
+    rows = {line.split()[0]: (line, section[i + 1].strip()) for i, line in enumerate(section) if line[2] != " "}
+    assert set(rows) == set(ATTACK_FAMILIES.names())
+    # The access each family needs and its declared QueryCost (CLiD: 3 pairs x (1 + 4 captions) UNet calls).
+    assert rows["clid"][0].split(None, 1)[1] == "gray-box: 0 images, 15 UNet calls"
+    assert rows["loss"][0].split(None, 1)[1] == "gray-box: 0 images, 3 UNet calls"
+    assert "black-box: 3 images" in rows["pang-wang"][0] and "black-box-img2img: 3 images" in rows["pang-wang"][0]
+    assert rows["rediffuse"][0].split(None, 1)[1] == "black-box-img2img: 10 images, 20 UNet calls"
+    assert rows["pang-wang"][1].startswith("Pang & Wang (NDSS'25)")  # the one-line summary
+    # Each defense with the parts of the loop it claims.
+    defenses = {line.split()[0]: line for line in lines[lines.index("defenses") + 1 : lines.index("attack models")]}
+    assert defenses["lora"].endswith("(claims: trainable parameters)")
+    assert defenses["none"].endswith("(claims: nothing)")
+    for name in DEFENSES.names():
+        claims = sorted(DEFENSES.get(name).claims)
+        assert defenses[name].endswith(f"(claims: {', '.join(claims) or 'nothing'})"), name
+    attack_models = {
+        line.split()[0]: line for line in lines[lines.index("attack models") + 1 : lines.index("encoders")]
+    }
+    assert attack_models["clid_th"].endswith("(only with --attack clid)")
+
+
+def test_all_attack_models_are_those_of_the_attack_family() -> None:
+    import argparse
+
+    from benchmark.app.cli import cells_from_args
+
+    asked = argparse.Namespace(scenario=None, attack_model="all")
+    assert "clid_th" in cells_from_args(asked, "clid")[1]
+    assert cells_from_args(asked, "loss")[1] == ("classifier", "distribution", "threshold")
 
 
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,7 +38,20 @@ def reference_tables() -> dict[str, Table]:
     assert not skipped, [s.reason for s in skipped]
     tables = aggregate(entries)
     assert {t.dataset for t in tables} == {"scenes"}
-    return {t.scenario: t for t in tables}
+    # The reference suite's table of each scenario: the one with every preset (the all-attacks
+    # grid of docs/findings.md was measured on another machine, so under its own feature network).
+    chosen: dict[str, Table] = {}
+    for table in sorted(tables, key=lambda t: len(t.rows)):
+        chosen[table.scenario] = table
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def all_attacks_table() -> Table:
+    """Scenario III's table of the grid of every attack against five defenses."""
+    entries, _ = collect(RESULTS)
+    [table] = [t for t in aggregate(entries) if t.scenario == "III" and any(r.defense == "ren.both" for r in t.rows)]
+    return table
 
 
 def _auc(table: Table, defense: str) -> float:
@@ -56,7 +69,7 @@ def test_reference_leaderboard_rebuilds_byte_for_byte() -> None:
     )
 
 
-NOT_YET_IN_THE_REFERENCE_SUITE = {"captions"}
+NOT_YET_IN_THE_REFERENCE_SUITE = {"captions", "ren", "wen"}
 
 
 def test_reference_results_cover_the_default_suite(reference_tables: dict[str, Table]) -> None:
@@ -150,3 +163,14 @@ def test_more_epochs_raise_auc_on_the_default(tmp_path: Path, all_cores: None) -
         )
         auc[epochs] = run(cfg, show_progress=False).record.privacy.auc
     assert auc[600] >= auc[50] + 0.15, auc
+
+
+def test_generation_time_mitigations_are_marked_as_stopping_only_the_black_box(all_attacks_table: Table) -> None:
+    rows = {r.defense: r for r in all_attacks_table.rows if not r.reference}
+    assert {"none", "dpsgd.eps8", "captions.all", "ren.both", "wen.infer"} <= set(rows)
+    for defense in ("ren.both", "wen.infer"):
+        assert rows[defense].black_box_only, defense
+        assert rows[defense].cells["all_auc_attack"].split("/")[0] in {"loss", "clid", "pia"}, defense
+    # DP-SGD holds every attack near chance, gray-box ones included.
+    assert not rows["dpsgd.eps8"].black_box_only and rows["dpsgd.eps8"].auc_all is not None
+    assert abs(rows["dpsgd.eps8"].auc_all - 0.5) <= 0.15

@@ -60,10 +60,11 @@ def test_build_skips_bad_files_and_marks_pareto(results: Path, tmp_path: Path, c
     assert all(f"| scenes/I/broken/{name} |" in skipped for name in ("corrupt.json", "foreign.json", "old.json"))
     rows = _rows(md)
     assert {"none", "dpsgd.eps1", "augment.strong"} <= set(rows)
-    # header: defense seeds models AUC worst TPR1 TPR01 eps FID KID CLIP Pareto
+    # header: defense seeds attacks, black box: AUC attack TPR1 TPR01, all attacks: AUC attack TPR1,
+    # eps FID KID CLIP Pareto
     assert rows["none"][-1] == "★" and rows["dpsgd.eps1"][-1] == "★" and rows["augment.strong"][-1] == ""
-    assert rows["none"][4] == "threshold"  # worst case over attack models
-    assert rows["dpsgd.eps1"][7].startswith("1.00")
+    assert rows["none"][4] == "pang-wang/threshold"  # worst case over attacks
+    assert rows["dpsgd.eps1"][10].startswith("1.00")
     assert "†" in rows["none"][5] and "n₀=8" in rows["none"][5]
     assert "AUC ↓" in md and "CLIP score ↑" in md and "clip-ref" in md
     for link in [line.split("](")[1].rstrip(")") for line in md.splitlines() if "](" in line]:
@@ -74,7 +75,7 @@ def test_mean_and_std_over_two_seeds(results: Path):
     rows = _rows(build(results, plots=False).markdown)
     assert rows["none"][1] == "2"
     assert rows["none"][3].startswith("0.850 ± 0.071")
-    assert rows["none"][8].startswith("11.00 ± 1.41")
+    assert rows["none"][11].startswith("11.00 ± 1.41")
 
 
 def test_malicious_defense_name_is_escaped(tmp_path: Path):
@@ -151,7 +152,7 @@ def test_base_model_reference_row_comes_from_the_undefended_control(tmp_path: Pa
     rows = _rows(board.markdown)
     base = rows["*base model, not fine-tuned (reference)*"]
     assert base[3].startswith("0.550")  # worst case over the attack models' controls
-    assert base[8].startswith("4.50") and base[10].startswith("20.00")
+    assert base[11].startswith("4.50") and base[13].startswith("20.00")
     assert base[-1] == "" and base[5] == "–"  # never on the Pareto front; no TPR for the control
     assert rows["none"][-1] == "★"
     [table] = board.tables
@@ -176,3 +177,75 @@ def test_defense_labels() -> None:
     assert overridden.startswith("dpsgd+lora (config ") and overridden != defense_label(
         {**composed, "config": {"x": 2}}
     )
+
+
+def _gray_box(record: ResultRecord, family: str = "loss") -> ResultRecord:
+    """`record` as the gray-box `family`'s: the same figures, another attack (and file)."""
+    attack = dataclasses.replace(
+        record.attack, family=family, family_version="1", access="gray-box", images_generated=0
+    )
+    return dataclasses.replace(record, run_id=f"{record.run_id}-{family}", attack=attack)
+
+
+def test_black_box_and_all_attacks_worst_cases_side_by_side(tmp_path: Path):
+    folder = tmp_path / "results"
+    # lora.r4 stops the black box (0.55) but not the loss attack (0.95): intervals [0.45, 0.65] < [0.85, 1.0].
+    put(folder, make_record(defense="lora", preset="r4", auc=0.55, tpr1=0.1, fid=12.0, clip=30.0))
+    put(folder, _gray_box(make_record(defense="lora", preset="r4", auc=0.95, tpr1=0.8, fid=12.0, clip=30.0)))
+    # dpsgd.eps1 stops both: the loss attack's 0.60 [0.50, 0.70] overlaps the black box's 0.55 [0.45, 0.65].
+    put(folder, make_record(defense="dpsgd", preset="eps1", auc=0.55, fid=40.0, clip=20.0, epsilon=1.0))
+    put(folder, _gray_box(make_record(defense="dpsgd", preset="eps1", auc=0.60, fid=40.0, clip=20.0, epsilon=1.0)))
+    # none was only attacked through the black box.
+    put(folder, make_record(defense="none", auc=0.90, fid=10.0, clip=30.0))
+    board = build(folder, plots=False)
+    md = board.markdown
+    header = next(line for line in md.splitlines() if line.startswith("| defense"))
+    columns = [c.strip() for c in header.strip("|").split(" | ")]
+    assert columns[3:10] == [
+        "AUC ↓ black box",
+        "worst black-box attack",
+        "TPR@1%FPR ↓ black box",
+        "TPR@0.1%FPR ↓ black box",
+        "AUC ↓ all attacks",
+        "worst attack",
+        "TPR@1%FPR ↓ all attacks",
+    ]
+    rows = _rows(md)
+    lora, dp, none = rows["lora.r4"], rows["dpsgd.eps1"], rows["none"]
+    assert len(lora) == len(columns)
+    # Each worst case names the attack behind it as family/attack-model.
+    assert lora[2] == "2" and lora[3].startswith("0.550") and lora[4] == "pang-wang/threshold"
+    assert lora[7].startswith("0.950") and lora[8] == "loss/threshold"
+    assert lora[9].startswith("0.800") and lora[9].endswith("loss/threshold")
+    assert dp[7].startswith("0.600") and dp[8] == "loss/threshold"
+    # Stops only the black box: non-overlapping intervals; dpsgd's overlap, so no mark.
+    assert lora[7].endswith(" ⚠") and "⚠" not in dp[7] and "⚠" not in "".join(none)
+    # No gray-box record: not measured, never the black-box figure again.
+    assert none[3].startswith("0.900") and none[4] == "pang-wang/threshold"
+    assert none[7:10] == ["–", "–", "–"]
+    # Pareto on the all-attacks worst case: lora.r4 (0.95, FID 12) is dominated by none (0.90, FID 10),
+    # though its black-box 0.55 alone would have put it on the front.
+    assert lora[-1] == "" and none[-1] == "★" and dp[-1] == "★"
+    [table] = board.tables
+    by_name = {r.defense: r for r in table.rows}
+    assert by_name["lora.r4"].black_box_only and not by_name["dpsgd.eps1"].black_box_only
+    assert by_name["none"].auc_all is None and by_name["none"].auc == by_name["none"].auc_black_box
+    assert "⚠ marks a defense that only stops the black-box attack" in md
+    assert "no gray-box attack was measured on that defense" in md
+
+
+def test_a_record_without_utility_joins_its_targets_row(tmp_path: Path):
+    """A gray-box run with --no-utility-metrics attacks the target a measured record describes: one row."""
+    folder = tmp_path / "results"
+    put(folder, make_record(defense="lora", preset="r4", auc=0.55, fid=12.0, clip=30.0))
+    put(folder, _gray_box(make_record(defense="lora", preset="r4", auc=0.95, fid=None)))
+    # Measured under two feature networks: which table the gray-box record belongs to is unknown.
+    put(folder, make_record(defense="none", auc=0.9, fid=10.0, run_id="none-a"))
+    put(folder, make_record(defense="none", auc=0.9, fid=11.0, network=("clip-ref", "b" * 64), run_id="none-b"))
+    put(folder, _gray_box(make_record(defense="none", auc=0.97, fid=None, run_id="none-gray")))
+    tables = build(folder, plots=False).tables
+    rows = {(t.utility_key[1][:1], r.defense): r for t in tables for r in t.rows if not r.reference}
+    lora = rows["a", "lora.r4"]
+    assert lora.auc_all is not None and abs(lora.auc_all - 0.95) < 0.01 and lora.fid == 12.0
+    assert rows["a", "none"].auc_all is None and rows["b", "none"].auc_all is None, sorted(rows)
+    assert rows["", "none"].auc_all is not None  # left in a table of its own, utility not measured

@@ -13,11 +13,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import benchmark.app.runner as runner
-from attacks.attack_models import ATTACK_MODELS
+from attacks.attack_models import for_family
+from attacks.families import DEFAULT_FAMILY
 from attacks.scenarios import QueryAccess, Scenario, ShadowMode
 from benchmark.app import stages
 from benchmark.app.cli import main
 from benchmark.pipeline.records import load_record
+
+# The attack models of Pang & Wang's family (what --attack-model all runs with it).
+MODELS = for_family(DEFAULT_FAMILY)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -37,9 +41,7 @@ def matrix(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
 
     stages.score_queries = counting
     try:
-        outcomes = runner.run_matrix(
-            config, scenarios=list(Scenario), attack_models=ATTACK_MODELS.names(), show_progress=False
-        )
+        outcomes = runner.run_matrix(config, scenarios=list(Scenario), attack_models=MODELS, show_progress=False)
     finally:
         stages.score_queries = original
     return outcomes, results, calls
@@ -48,7 +50,7 @@ def matrix(micro_run, tmp_path_factory):  # type: ignore[no-untyped-def]
 def test_one_valid_record_and_plot_per_cell(matrix) -> None:  # type: ignore[no-untyped-def]
     outcomes, results, _ = matrix
     cells = {(o.record.scenario, o.record.attack.attack_model) for o in outcomes}
-    assert cells == {(s.value, a) for s in Scenario for a in ATTACK_MODELS.names()}
+    assert cells == {(s.value, a) for s in Scenario for a in MODELS}
     assert len(outcomes) == 12
     files = _files(results)
     assert len(files) == 24
@@ -82,7 +84,7 @@ def test_scoring_is_shared_between_attack_models_and_scenarios(matrix) -> None: 
     if len(target_sets) == 2:  # the captioners agreed, so II and IV share the target's scores
         assert by_cell[("II", "threshold")].attack.scores == by_cell[("IV", "threshold")].attack.scores
     for scenario in Scenario:
-        records = [by_cell[(scenario.value, a)] for a in ATTACK_MODELS.names()]
+        records = [by_cell[(scenario.value, a)] for a in MODELS]
         assert all(r.attack.scores == records[0].attack.scores for r in records)
         assert all(r.training == records[0].training for r in records)
     assert by_cell[("I", "threshold")].attack.scores == by_cell[("III", "threshold")].attack.scores
@@ -194,6 +196,6 @@ def test_cli_runs_several_cells_and_prints_the_matrix(micro_run, tmp_path: Path,
     assert main(argv) == 0
     records = [load_record(p) for p in _files(results) if p.suffix == ".json"]
     cells = sorted((r["attack"]["scenario"], r["attack"]["attack_model"]) for r in records)
-    assert cells == sorted((s, a) for s in ("I", "III") for a in ATTACK_MODELS.names())
+    assert cells == sorted((s, a) for s in ("I", "III") for a in MODELS)
     err = " ".join(capsys.readouterr().err.split())
     assert "one record per (scenario, attack model)" in err and err.count("result written to") == 6

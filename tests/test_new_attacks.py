@@ -127,6 +127,46 @@ def test_clid_threshold_fits_on_the_shadow_and_transfers() -> None:
         CLiDThreshold().fit(shadow, np.ones(len(shadow)))
 
 
+def test_clid_th_is_an_attack_model_of_the_clid_family_fitted_on_shadow_features_only() -> None:
+    from attacks.attack import fit_attack_model
+    from attacks.attack_models import ATTACK_MODELS, for_family
+    from attacks.gray_box import RobustScaler
+
+    assert ATTACK_MODELS.get("clid_th") is CLiDThreshold
+    assert "clid_th" in for_family("clid") and "clid_th" not in for_family("loss")
+    shadow_q, shadow_y = make_queries(30, 3)
+    target_q, target_y = make_queries(30, 4)
+    shadow = score_clid(gray_box(FakeModel(shadow_q, shadow_y)), shadow_q).scores
+    target = score_clid(gray_box(FakeModel(target_q, target_y)), target_q).scores
+    config = AttackConfig(attack="clid", attack_model="clid_th")
+    attack = fit_attack_model(config, shadow, shadow_y)
+    assert isinstance(attack, CLiDThreshold)
+    # The robust scalers are the shadow's own (S of mean_j D_j and of L), nothing of the target's.
+    assert attack.scale_d == RobustScaler.fit(shadow[:, :-1].mean(axis=1))
+    assert attack.scale_l == RobustScaler.fit(shadow[:, -1])
+    fitted = attack.describe()
+    scored = attack.membership_score(target)
+    assert attack.describe() == fitted  # applying it to the target changes nothing
+    # Another target (scores shifted, labels never shown) leaves the fitted rule as it was.
+    again = fit_attack_model(config, shadow, shadow_y)
+    again.membership_score(target + 1.0)
+    assert again.describe() == fitted
+    assert auc(target_y, scored) > 0.9
+
+
+@pytest.mark.parametrize("family", ["pang-wang", "loss", "pia"])
+def test_clid_th_with_another_family_is_refused_before_training(family: str) -> None:
+    from benchmark.app.config import profile
+
+    message = rf"'clid_th'.*attack family clid only, not '{family}'.*--attack clid"
+    with pytest.raises(ConfigError, match=message):
+        AttackConfig(attack=family, attack_model="clid_th")
+    # The run's validation, which comes before any model is trained, refuses it the same way.
+    with pytest.raises(ConfigError, match=message):
+        profile("micro").replace(attack=family, attack_model="clid_th").validate()
+    profile("micro").replace(attack="clid", attack_model="clid_th").validate()
+
+
 def test_clip_caption_drops_trailing_words() -> None:
     caption = "one two three four five six seven eight nine ten"
     assert clip_caption(caption, 0.3) == "one two three four five six seven"

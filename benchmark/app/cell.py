@@ -39,6 +39,12 @@ from defenses import DEFENSES
 ROC_SUFFIX = ".roc.png"
 
 
+def _with_sampling(described: dict[str, object], target: Target) -> dict[str, object]:
+    """The defense's description plus what its sampling hooks did in the target's generations so far."""
+    done = target.model.model.sampling_hooks.details()
+    return {**described, "sampling": done} if done else described
+
+
 def cell_record(
     ctx: RunContext, target: Target, evidence: ScenarioEvidence, config: RunConfig
 ) -> tuple[ResultRecord, bytes]:
@@ -102,7 +108,7 @@ def cell_record(
             base.description, origin=component_origin(MODELS, config.model), from_cache=base.from_cache
         ),
         "defense": ComponentRecord.from_description(
-            defense.describe(), origin=component_origin(DEFENSES, config.defense)
+            _with_sampling(defense.describe(), target), origin=component_origin(DEFENSES, config.defense)
         ),
         "attack": ComponentRecord.from_description(
             family.describe(attack_config),

@@ -15,11 +15,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from attacks.attack_models import ATTACK_MODELS
+from attacks.attack import AttackConfig
+from attacks.attack_models import ATTACK_MODELS, for_family
 from attacks.captioners import CAPTIONERS
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS
-from attacks.scenarios import Scenario
+from attacks.families import ATTACK_FAMILIES, AttackFamily, AttackFamilyError
+from attacks.scenarios import QueryAccess, Scenario
 from benchmark.app.config import PROFILES, RunConfig, profile
 from benchmark.app.flags import add_config_flags, apply, given
 from benchmark.app.migrate import migrate
@@ -156,7 +158,7 @@ def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-d
     if not names:
         raise ConfigError("--defenses is empty; give 'all' or a comma list such as none,dpsgd.eps8")
     scenarios, attack_models = cells_from_args(
-        argparse.Namespace(scenario=args.scenarios, attack_model=args.attack_models)
+        argparse.Namespace(scenario=args.scenarios, attack_model=args.attack_models), config.attack
     )
     try:
         seeds = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
@@ -322,7 +324,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         # Target and shadow train on equally many members unless told otherwise.
         settings.setdefault("shadow_members", settings["members"])
     if hasattr(args, "scenario"):  # run's --scenario / --attack-model: the first cell (suite's grid sets its own)
-        scenarios, attack_models = cells_from_args(args)
+        scenarios, attack_models = cells_from_args(args, str(settings.get("attack", config.attack)))
         if scenarios:
             settings["scenario"] = scenarios[0]
         if attack_models:
@@ -330,9 +332,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return apply(config, settings)
 
 
-def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tuple[str, ...]]:
+def cells_from_args(args: argparse.Namespace, family: str) -> tuple[tuple[Scenario, ...], tuple[str, ...]]:
     """Scenarios and attack models named by --scenario / --attack-model ('all', one, or a comma list).
 
+    'all' attack models means those that read attack family `family`'s features.
     Empty tuples mean "the configuration's".
     """
 
@@ -348,7 +351,7 @@ def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tup
                 raise ConfigError(str(exc)) from None
     if args.attack_model is not None:
         if args.attack_model.strip().lower() == "all":
-            attack_models = tuple(ATTACK_MODELS.names())
+            attack_models = tuple(for_family(family))
         else:
             attack_models = tuple(part.strip() for part in args.attack_model.split(",") if part.strip())
     return scenarios, attack_models
@@ -357,7 +360,7 @@ def cells_from_args(args: argparse.Namespace) -> tuple[tuple[Scenario, ...], tup
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     config = config_from_args(args)
-    scenarios, attack_models = cells_from_args(args)
+    scenarios, attack_models = cells_from_args(args, config.attack)
     written: list[RunOutcome] = []
     try:
         outcomes = run_matrix(
@@ -442,11 +445,14 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     for title, registry in kinds.items():
         console.print(f"[bold]{title}[/]")
         for name, entry in registry.items():
-            console.print(f"  {name:<12} {_summary(entry)}")
+            console.print(f"  {name:<12} {escape(_summary(entry) + _note(registry, name))}")
     console.print("[bold]defense presets[/] (name.tag; compose with '+', e.g. dpsgd.eps8+lora.r4)")
     for name, entry in presets().items():
         console.print(f"  {name:<16} {escape(entry.summary())}")
-    plugins = [(t, n, component_origin(r, n)) for t, r in kinds.items() for n in r.names()]
+    _list_attacks(console)
+    plugins = [
+        (t, n, component_origin(r, n)) for t, r in {**kinds, "attacks": ATTACK_FAMILIES}.items() for n in r.names()
+    ]
     plugins = [(t, n, origin) for t, n, origin in plugins if not origin.startswith("diffusion-mia-bench==")]
     if plugins:
         console.print("[bold]plugins[/]")
@@ -462,6 +468,47 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     for name, cfg in PROFILES.items():
         console.print(f"  {name:<12} {cfg.members} members, {cfg.nonmembers} non-members, {cfg.finetune.epochs} epochs")
     return 0
+
+
+def _note(registry: object, name: str) -> str:
+    """What `list` adds to an entry's summary: a defense's claims, the families an attack model is limited to."""
+    if registry is DEFENSES:
+        # Two defenses that claim the same part of the loop cannot be composed: say which parts.
+        return f" (claims: {', '.join(sorted(DEFENSES.get(name).claims)) or 'nothing'})"
+    if registry is ATTACK_MODELS:
+        families = ATTACK_MODELS.capability(name, "families")
+        return "" if families is None else f" (only with --attack {', '.join(sorted(families))})"
+    return ""
+
+
+def _list_attacks(console: Console) -> None:
+    """Each attack family with the access it needs and what one query costs (at the default profile's
+    generations and sampling: a black box's cost is the provider's sampling)."""
+    run = PROFILES["default"]
+    console.print(
+        "[bold]attacks[/] (families: --attack NAME; cost per query at the default profile's sampling: "
+        "images generated, UNet calls)"
+    )
+    for name, cls in ATTACK_FAMILIES.items():
+        family = cls()
+        costs = [_access_cost(family, run, access) for access in QueryAccess]
+        usable = "; ".join(cost for cost in costs if cost is not None)
+        console.print(f"  {name:<12} {escape(usable)}")
+        console.print(f"  {'':<12} {escape(_summary(cls))}")
+
+
+def _access_cost(family: AttackFamily, run: RunConfig, query_access: QueryAccess) -> str | None:
+    """What one query of `family` through `query_access` costs, as "access: N images, M UNet calls";
+    None where the family cannot run through it."""
+    try:
+        access = family.access(query_access)
+    except AttackFamilyError:
+        return None
+    config = AttackConfig(
+        generations_per_query=run.generations_per_query, query_access=query_access, strength=run.img2img_strength
+    )
+    cost = family.cost_per_query(config, run.sampling)
+    return f"{access.value}: {cost.images_generated} images, {cost.unet_calls} UNet calls"
 
 
 def _summary(entry: object) -> str:
@@ -493,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suite_parser(sub)
     _add_reproduce_parser(sub)
     sub.add_parser(
-        "list", help="list datasets, models, defenses and their presets, attack models, encoders, scenarios, profiles"
+        "list",
+        help="list datasets, models, defenses (with their claims) and their presets, attack families (access, "
+        "cost per query), attack models, encoders, scenarios, profiles",
     )
     p = sub.add_parser(
         "migrate",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attacks.attack_models import ATTACK_MODELS
+from attacks.attack_models import ATTACK_MODELS, check_family
 from attacks.captioners import CAPTIONERS, CaptionerRequest, CaptionerTraining
 from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS, EncoderRequest, EncoderTraining
@@ -66,7 +66,10 @@ class RunConfig:
         default=Scenario.III, metadata={"help": "attacker scenario: what the attacker holds (see `list`)"}
     )
     attack_model: str = field(
-        default="threshold", metadata={"help": "attack model: threshold, distribution or classifier (see `list`)"}
+        default="threshold",
+        metadata={
+            "help": "attack model: threshold, distribution or classifier; clid_th with --attack clid (see `list`)"
+        },
     )
     attack: str = field(
         default="pang-wang",
@@ -263,6 +266,8 @@ class RunConfig:
             # A gray-box family runs in every scenario (captions come from the truth or the captioner),
             # but not through an image-to-image API.
             ATTACK_FAMILIES.get(self.attack).from_args(self.attack_args).access(self.query_access)
+            # An attack model made for one family's feature layout (clid_th) is refused with any other.
+            check_family(self.attack_model, self.attack)
         except (RegistryError, AttackFamilyError) as exc:
             raise ConfigError(str(exc)) from None
         from_target = int(round(self.shadow_members * self.scenario.auxiliary_member_overlap))

@@ -197,7 +197,8 @@ def fine_tune(ctx: RunContext, name: str, defense: Defense, indices: tuple[int, 
         "dataset": dataset.describe(),
         "ids": [dataset.ids[i] for i in indices],
         "train": train_config.to_dict(),
-        "defense": defense.describe(),
+        # Only what shapes the weights: a generation-time defense shares the plain recipe's fine-tune.
+        "defense": _training_identity(defense),
         "torch": torch.__version__.split("+")[0],
     }
     with ctx.timer.stage(name, total=steps) as advance:
@@ -221,9 +222,16 @@ def fine_tune(ctx: RunContext, name: str, defense: Defense, indices: tuple[int, 
             return FineTuned(model=load_model(folder), report=report, from_cache=True)
 
         tuned, hit, _ = cached(config.cache_path, "finetuned", inputs, build, load)
+        # A generation-time defense samples this model its own way (its config is in the cache key).
+        tuned.model.sampling_hooks = defense.sampling_hooks()
         tuned.from_cache = hit
         tuned.report["from_cache"] = hit
     return tuned
+
+
+def _training_identity(defense: Defense) -> dict[str, object]:
+    identity = defense.training_identity()
+    return identity if identity is not None else resolve("none").describe()
 
 
 def attack_encoder(ctx: RunContext) -> ImageEncoder:

@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,20 +84,32 @@ class TrainReport:
 StepCallback = Callable[[int, int, float], None]
 
 
+@dataclass(frozen=True)
+class NoisedStep:
+    """One batch's noised latents, timesteps, text context and the UNet's (detached) prediction."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor
+    prediction: torch.Tensor
+
+
 class TrainingHooks:
     """The points where a defense may change training. Every default is the plain recipe.
 
     Order of calls in `train`: `recipe` and `training_data` once, `setup` once (after the
     default parameters and optimizer exist), then per epoch `batches`, and per
-    batch `captions` (only where `transforms_captions`), `context`, `transform` and
-    `optimizer_step` (or `empty_batch_step`), then `end_epoch`; finally `finish`,
-    and `details` for the record.
+    batch `captions` (only where `transforms_captions`), `context`, `transform`,
+    `screen` (only where `screens_examples`) and `optimizer_step` (or
+    `empty_batch_step`), then `end_epoch`; finally `finish`, and `details` for the record.
     """
 
     #: whether `transform` changes images (then latents are computed per batch).
     transforms_images: bool = False
     #: whether `captions` changes captions (then the text is encoded per batch).
     transforms_captions: bool = False
+    #: whether `screen` may drop examples from a step's loss.
+    screens_examples: bool = False
 
     def recipe(self, config: TrainConfig) -> TrainConfig:
         """The training recipe this defense runs with (e.g. DP-SGD's own learning rate and epochs)."""
@@ -126,6 +139,10 @@ class TrainingHooks:
     def context(self, context: torch.Tensor, state: TrainingState) -> torch.Tensor:
         """Per-batch change to the text context (batch, tokens, width) the UNet is conditioned on."""
         return context
+
+    def screen(self, step: NoisedStep, state: TrainingState) -> torch.Tensor:
+        """Per-example weight (N,) of this step's loss, 1 to train on an example and 0 to drop it."""
+        return torch.ones(len(step.noisy))
 
     def optimizer_step(self, state: TrainingState) -> bool:
         """Update after `backward()`; return whether a (logical) optimizer step was taken."""
@@ -162,6 +179,7 @@ class ComposedHooks(TrainingHooks):
         self.hooks = list(hooks)
         self.transforms_images = any(h.transforms_images for h in self.hooks)
         self.transforms_captions = any(h.transforms_captions for h in self.hooks)
+        self.screens_examples = any(h.screens_examples for h in self.hooks)
         self._stepper = self._owner("optimizer_step")
         self._sampler = self._owner("batches")
         self._empty = self._owner("empty_batch_step")
@@ -206,6 +224,13 @@ class ComposedHooks(TrainingHooks):
             context = hook.context(context, state)
         return context
 
+    def screen(self, step: NoisedStep, state: TrainingState) -> torch.Tensor:
+        weights = torch.ones(len(step.noisy))
+        for hook in self.hooks:
+            if hook.screens_examples:
+                weights = weights * hook.screen(step, state)
+        return weights
+
     def optimizer_step(self, state: TrainingState) -> bool:
         return self._stepper.optimizer_step(state)
 
@@ -234,8 +259,14 @@ def diffusion_loss(
     generator: torch.Generator,
     *,
     reduction: str = "mean",
+    screen: Callable[[NoisedStep], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE with one noise draw and one timestep per example."""
+    """Epsilon-prediction MSE with one noise draw and one timestep per example.
+
+    `screen` (a defense's) weighs each example's loss from the step's own prediction;
+    a dropped example keeps its place in the batch, so the mean (and a DP-SGD
+    per-example gradient) is still over the whole batch.
+    """
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(
         0, model.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
@@ -247,6 +278,8 @@ def diffusion_loss(
     else:
         target = noise
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if screen is not None:
+        loss = loss * screen(NoisedStep(noisy, timesteps, context, prediction.detach())).to(loss)
     return loss.mean() if reduction == "mean" else loss
 
 
@@ -355,7 +388,8 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
                     latents = latents_all[idx]
                 else:
                     latents = model.images_to_latents(hooks.transform(images[idx], state))
-                losses = diffusion_loss(model, latents, context, generator, reduction="none")
+                screen = partial(hooks.screen, state=state) if hooks.screens_examples else None
+                losses = diffusion_loss(model, latents, context, generator, reduction="none", screen=screen)
                 loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

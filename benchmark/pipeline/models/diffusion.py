@@ -6,8 +6,9 @@ loader and the same training and sampling code; only the folder differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers.utils.logging
@@ -19,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from benchmark.kernel.errors import ModelError, why_not_a_folder
 from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
+from benchmark.pipeline.models.sampling import SamplingBatch, SamplingHooks
 from benchmark.pipeline.models.weights import check_weights
 from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
@@ -39,6 +41,9 @@ class DiffusionModel:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     vae: AutoencoderKL | None = None
+    # A generation-time defense's changes to sampling (not saved with the weights:
+    # they come from the defense's config, which keys the cache).
+    sampling_hooks: SamplingHooks = field(default_factory=SamplingHooks)
 
     @property
     def latent_scale(self) -> int:
@@ -56,14 +61,20 @@ class DiffusionModel:
 
     def text_context(self, captions: list[str]) -> torch.Tensor:
         """The text encoder's hidden states for `captions`, with gradients where the encoder trains."""
-        tokens = self.tokenizer(
+        return self.text_encoder(self._tokens(captions).input_ids)[0]
+
+    def token_mask(self, captions: list[str]) -> torch.Tensor:
+        """(N, tokens) bool: which positions of each caption's context are its own tokens, not padding."""
+        return self._tokens(captions).attention_mask.bool()
+
+    def _tokens(self, captions: list[str]) -> object:
+        return self.tokenizer(
             captions,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids)[0]
 
     def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space the UNet denoises."""
@@ -184,15 +195,44 @@ def generate(
     outputs = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        cond = model.encode_text(chunk)
         latents = torch.randn((len(chunk), channels, size, size), generator=generator)
         latents = latents * scheduler.init_noise_sigma
-        use_cfg = guidance_scale != 1.0
-        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
-        latents = _denoise(unet, scheduler, latents, context, scheduler.timesteps, guidance_scale)
+        latents = _sample(model, scheduler, latents, chunk, uncond, scheduler.timesteps, guidance_scale)
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+def _sample(
+    model: DiffusionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    captions: list[str],
+    uncond: torch.Tensor,
+    timesteps: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Denoise one batch from `latents` with its captions, through the model's sampling hooks."""
+    use_cfg = guidance_scale != 1.0
+    cond = model.encode_text(captions)
+    uncond = uncond.expand(len(captions), -1, -1)
+    hooks = model.sampling_hooks
+    attention: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if hooks.changes_sampling:
+        batch = SamplingBatch(
+            unet=model.unet,
+            cond=cond,
+            uncond=uncond,
+            token_mask=model.token_mask(captions),
+            latents=latents,
+            timestep=timesteps[0],
+            guided=use_cfg,
+        )
+        cond = batch.cond = hooks.context(batch)
+        attention = hooks.attention(batch)
+    context = torch.cat([uncond, cond]) if use_cfg else cond
+    with attention:
+        return _denoise(model.unet, scheduler, latents, context, timesteps, guidance_scale)
 
 
 def _denoise(
@@ -252,16 +292,13 @@ def img2img(
     unet.eval()
     generator = torch.Generator().manual_seed(seed)
     uncond = model.encode_text([""])
-    use_cfg = guidance_scale != 1.0
     outputs = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        cond = model.encode_text(chunk)
         init = model.images_to_latents(images[start : start + batch_size].float())
         noise = torch.randn(init.shape, generator=generator)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(chunk)))
-        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
-        latents = _denoise(unet, scheduler, latents, context, timesteps, guidance_scale)
+        latents = _sample(model, scheduler, latents, chunk, uncond, timesteps, guidance_scale)
         outputs.append(model.latents_to_images(latents))
     unet.train(was_training)
     return torch.cat(outputs)
