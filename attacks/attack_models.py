@@ -286,13 +286,13 @@ class ClassifierAttack(AttackModel):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.early_stopping:
-                self._fit_early_stopped(self.scaler.transform(x), labels.astype(int))
+                self.fit_early_stopped(self.scaler.transform(x), labels.astype(int))
             else:
                 self.mlp.fit(self.scaler.transform(x), labels.astype(int))
         self.n_features = x.shape[1]
         return self
 
-    def _fit_early_stopped(self, x: np.ndarray, y: np.ndarray) -> None:
+    def fit_early_stopped(self, x: np.ndarray, y: np.ndarray) -> None:
         """Train epoch by epoch on a stratified split of the shadow; keep the weights of the epoch
         with the lowest held-out log-loss, stopping `n_iter_no_change` epochs without improvement."""
         assert self.mlp is not None
@@ -304,7 +304,7 @@ class ClassifierAttack(AttackModel):
         for epoch in range(1, self.max_iter + 1):
             self.mlp.partial_fit(x_train, y_train, classes=[0, 1])
             # -log sigmoid(+-logit), computed from the logit: exact where the probability saturates.
-            loss = float(np.logaddexp(0.0, -(2 * y_val - 1) * self._forward(x_val)).mean())
+            loss = float(np.logaddexp(0.0, -(2 * y_val - 1) * self.standardised_logit(x_val)).mean())
             self.validation_losses.append(loss)
             stale = 0 if loss < best_loss - self.mlp.tol else stale + 1
             if loss < best_loss:
@@ -320,9 +320,9 @@ class ClassifierAttack(AttackModel):
         which would hide the ordering that low-FPR metrics depend on."""
         if self.mlp is None or self.scaler is None:
             raise RuntimeError("fit the attack model on shadow scores first")
-        return self._forward(self.scaler.transform(_check(scores, self.n_features)))
+        return self.standardised_logit(self.scaler.transform(_check(scores, self.n_features)))
 
-    def _forward(self, h: np.ndarray) -> np.ndarray:
+    def standardised_logit(self, h: np.ndarray) -> np.ndarray:
         """The member logit of standardised scores `h`."""
         assert self.mlp is not None
         last = len(self.mlp.coefs_) - 1
@@ -339,7 +339,7 @@ class ClassifierAttack(AttackModel):
     def predict(self, scores: np.ndarray) -> np.ndarray:
         return self.logit(scores) >= 0.0
 
-    def _epochs_trained(self) -> int | None:
+    def epochs_trained(self) -> int | None:
         if self.mlp is None:
             return None
         return len(self.validation_losses) if self.early_stopping else int(self.mlp.n_iter_)
@@ -360,7 +360,7 @@ class ClassifierAttack(AttackModel):
             "validation_fraction": self.validation_fraction,
             "n_iter_no_change": self.n_iter_no_change,
             "stopping_criterion": "held-out log-loss" if self.early_stopping else "training loss",
-            "epochs_trained": self._epochs_trained(),
+            "epochs_trained": self.epochs_trained(),
             "best_epoch": self.best_epoch,
             "decision": "logit >= 0",
         }

@@ -50,9 +50,9 @@ class WenConfig(DefenseConfig):
     """Which of Wen et al.'s mitigations to apply, and their thresholds (RMS noise gap)."""
 
     # Drop an example from a training step's loss when its gap exceeds this (None: no screening).
-    screen_threshold: float | None = None
+    screen_threshold: float | None = 0.5
     # At generation, optimise a prompt's embedding until its gap is below this (None: no mitigation).
-    inference_target: float | None = None
+    inference_target: float | None = 0.5
     # AdamW learning rate and most iterations of the prompt-embedding optimisation (Wen et al.: 0.05, 10).
     inference_lr: float = 0.05
     inference_steps: int = 10
@@ -176,8 +176,8 @@ class WenMitigation(SamplingHooks):
     presets={
         # The embedded default's base model gives 90% of scene captions a first-step gap below
         # 0.53 (median 0.39): the presets act on what stands out from it (docs/methods.md).
-        "train": {"screen_threshold": 0.5},
-        "infer": {"inference_target": 0.5},
+        "train": {"screen_threshold": 0.5, "inference_target": None},
+        "infer": {"screen_threshold": None, "inference_target": 0.5},
         "both": {"screen_threshold": 0.5, "inference_target": 0.5},
     },
 )

@@ -198,7 +198,7 @@ def test_screen_composes_with_dpsgd_and_lora(
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: WenConfig(), "screen_threshold .*or inference_target"),
+        (lambda: WenConfig(screen_threshold=None, inference_target=None), "screen_threshold .*or inference_target"),
         (lambda: WenConfig(screen_threshold=-1.0), "screen_threshold must be a finite number > 0"),
         (lambda: WenConfig(inference_target=float("nan")), "inference_target must be a finite number > 0"),
         (lambda: WenConfig(inference_target=0.1, inference_steps=0), "inference_steps must be a positive integer"),
