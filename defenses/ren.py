@@ -156,13 +156,13 @@ class RenSampling(SamplingHooks):
 class Ren(Defense):
     """Cross-attention memorisation fix at sampling (Ren et al. 2024): start-token logit x c1, padding masked."""
 
+    # Generation only: its training hooks are the plain recipe's, so its stage does not matter.
+    claims = frozenset({"cross-attention at sampling"})
     Config = RenConfig
     config: RenConfig
-    stage = 30
-    claims = frozenset({"cross-attention at sampling"})
+
+    def training_identity(self) -> dict[str, object] | None:
+        return None  # the weights are the plain recipe's
 
     def sampling_hooks(self) -> SamplingHooks:
         return RenSampling(self.config)
-
-    def training_identity(self) -> dict[str, object] | None:
-        return None  # generation only: the weights are the plain recipe's

@@ -184,10 +184,11 @@ class WenMitigation(SamplingHooks):
 class Wen(Defense):
     """Noise-gap memorisation mitigation (Wen et al. 2024): training screening and/or prompt-embedding fix."""
 
+    # The screen reads the UNet's own prediction, so it runs after the parameter changes (LoRA)
+    # and before the DP wrapper, like any hook with the default stage.
+    claims = frozenset({"example screening", "prompt embedding at sampling"})
     Config = WenConfig
     config: WenConfig
-    stage = 30
-    claims = frozenset({"example screening", "prompt embedding at sampling"})
 
     def training_hooks(self) -> TrainingHooks:
         cfg = self.config
