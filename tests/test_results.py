@@ -64,6 +64,10 @@ def test_record_content(micro_run, data: dict) -> None:  # type: ignore[no-untyp
     assert prov["package"] == "diffusion-mia-bench"
     assert set(prov["libraries"]) >= {"torch", "diffusers", "transformers", "numpy", "scikit-learn"}
     assert prov["python"].count(".") == 2
+    # What moves results between machines is kept: thread counts, processor, deterministic mode.
+    assert prov["threads"] >= 1 and prov["interop_threads"] >= 1
+    assert isinstance(prov["processor"], str) and prov["processor"]
+    assert isinstance(prov["deterministic_algorithms"], bool)
 
     # Each figure has one home; its direction comes from the home's type.
     assert "metrics" not in data

@@ -350,6 +350,13 @@ class Provenance:
     python: str
     platform: str
     libraries: dict[str, str]
+    # What else moves results between machines (None in records written before these were kept):
+    # torch's intra-op and inter-op thread counts, the processor model, and whether torch was
+    # restricted to deterministic algorithms.
+    threads: int | None = None
+    interop_threads: int | None = None
+    processor: str | None = None
+    deterministic_algorithms: bool | None = None
 
 
 @dataclass
@@ -548,6 +555,8 @@ def provenance(
 ) -> Provenance:
     from importlib import metadata
 
+    import torch  # here, not at the top: reading records (the leaderboard) must not load torch
+
     versions = {}
     for lib in libraries:
         try:
@@ -562,7 +571,23 @@ def provenance(
         python=platform.python_version(),
         platform=platform.platform(),
         libraries=versions,
+        threads=torch.get_num_threads(),
+        interop_threads=torch.get_num_interop_threads(),
+        processor=processor_model(),
+        deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
     )
+
+
+@lru_cache(maxsize=1)
+def processor_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 @lru_cache(maxsize=1)
