@@ -463,7 +463,11 @@ def summary(tables: list[Table]) -> str:
         for t in group:
             for r in t.rows:
                 rows[r.defense][t.scenario] = r
-        network = "no utility" if key == NO_UTILITY else f"utility on {escape(key[0])}"
+        network = (
+            "no utility"
+            if key == NO_UTILITY
+            else f"utility on {escape(key[0])}, weights sha256 `{escape(key[1][:12])}`"
+        )
         out += [
             f"**{escape(dataset)}** ({network}): attack AUC ↓ (worst case over all attacks measured) per scenario",
             "",

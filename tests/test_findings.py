@@ -25,7 +25,7 @@ from benchmark.app.config import profile
 from benchmark.app.reproduce import Tolerance, reproduce
 from benchmark.app.runner import run
 from benchmark.pipeline.finetune import TrainConfig
-from leaderboard.build import BASE_MODEL_ROW, Table, aggregate, build, collect
+from leaderboard.build import BASE_MODEL_ROW, Table, aggregate, build, collect, replace_summary, summary
 
 REFERENCE = Path(__file__).resolve().parents[1] / "leaderboard" / "reference"
 RESULTS = REFERENCE / "results"
@@ -66,6 +66,15 @@ def test_reference_leaderboard_rebuilds_byte_for_byte() -> None:
     )
     assert sorted(board.plots) == sorted(
         p.relative_to(REFERENCE).as_posix() for p in (REFERENCE / "leaderboard_plots").glob("*.png")
+    )
+
+
+def test_readme_summary_is_the_reference_boards() -> None:
+    entries, _ = collect(RESULTS)
+    readme = (REFERENCE.parents[1] / "README.md").read_text()
+    assert replace_summary(readme, summary(aggregate(entries))) == readme, (
+        "README's leaderboard summary is stale: python -m leaderboard build "
+        "--results-dir leaderboard/reference/results --readme README.md"
     )
 
 

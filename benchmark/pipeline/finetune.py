@@ -86,11 +86,10 @@ StepCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class NoisedStep:
-    """One batch's noised latents, timesteps, text context and the UNet's (detached) prediction."""
+    """One batch's noised latents, timesteps and the UNet's (detached) prediction of them."""
 
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    context: torch.Tensor
     prediction: torch.Tensor
 
 
@@ -279,7 +278,7 @@ def diffusion_loss(
         target = noise
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if screen is not None:
-        loss = loss * screen(NoisedStep(noisy, timesteps, context, prediction.detach())).to(loss)
+        loss = loss * screen(NoisedStep(noisy, timesteps, prediction.detach())).to(loss)
     return loss.mean() if reduction == "mean" else loss
 
 
