@@ -123,7 +123,9 @@ def test_ctrl_c_while_starting_prints_no_traceback() -> None:
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.fail("the interrupt arrived after `list` finished; the machine is faster than this test assumes")
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT (what a shell also reports as 130): CPython re-raises the signal at exit
+    # when the interrupt also landed in code that could not handle it (an import's cleanup), a race.
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "interrupted" in err
 
 
