@@ -9,7 +9,7 @@ dpsgd+lora). Built-in and third-party defenses alike are found through the
 """
 
 from defenses.base import DEFENSES, ComposedDefense, Defense, DefenseConfig, FineTuneResult, register_defense
-from defenses.resolve import DefensePreset, presets, resolve, valid_combinations
+from defenses.resolve import DefensePreset, presets, resolve, suite_defenses, valid_combinations
 
 __all__ = [
     "DEFENSES",
@@ -21,5 +21,6 @@ __all__ = [
     "presets",
     "register_defense",
     "resolve",
+    "suite_defenses",
     "valid_combinations",
 ]

@@ -37,6 +37,17 @@ class DefensePreset:
         return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "(defaults)"
 
 
+# Compositions a practitioner runs first, so the whole grid (`suite --defenses all`) includes them:
+# DP-SGD over LoRA adapters (DP-LoRA) at two privacy budgets.
+SUITE_COMPOSITIONS: tuple[str, ...] = ("dpsgd.eps8+lora.r4", "dpsgd.eps1+lora.r4")
+
+
+def suite_defenses(*, registry: Registry[type[Defense]] = DEFENSES) -> list[str]:
+    """What `--defenses all` runs: no defense, every preset, and the suite's compositions."""
+    names = ["none", *presets(registry=registry)]
+    return names + [c for c in SUITE_COMPOSITIONS if all(part in names for part in c.split("+"))]
+
+
 def presets(*, registry: Registry[type[Defense]] = DEFENSES) -> dict[str, DefensePreset]:
     """Every preset of every registered defense (plugins included), by full name."""
     out: dict[str, DefensePreset] = {}

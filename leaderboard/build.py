@@ -11,17 +11,20 @@ import os
 import re
 import statistics
 import tempfile
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+import benchmark.pipeline.statistics as stats
 import leaderboard.plots as plotting
+import leaderboard.ranking as ranking
 from benchmark.kernel.errors import BenchmarkError
-from benchmark.pipeline.records import RecordError, ResultRecord, read_record
-from leaderboard.tables import BASE_MODEL_ROW, BLACK_BOX_ACCESS, Entry, Row, Table, pareto
+from benchmark.pipeline.records import RecordError, ResultRecord, read_record, record_files
+from benchmark.pipeline.statistics import Estimate
+from leaderboard.tables import BASE_MODEL_ROW, BLACK_BOX_ACCESS, Entry, Row, Table, cells, worst_cell
+from leaderboard.tables import pareto as pareto  # re-exported: callers import it from here
 
 PLOTS_DIRNAME = "leaderboard_plots"
 # Beside the all-attacks AUC of a defense that stops only the black-box attack (see the legend).
@@ -47,15 +50,17 @@ class Leaderboard:
     entries: list[Entry]
     skipped: list[Skipped]
     plots: dict[str, bytes]
+    headlines: list[ranking.Headline] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- discovery
 
 
 def read_records(results_dir: Path) -> tuple[list[tuple[str, ResultRecord]], list[Skipped]]:
-    """Every *.json under `results_dir`, sorted by relative path, as (path, record); invalid ones skipped.
+    """Every record file under `results_dir`, sorted by relative path, as (path, record); invalid ones skipped.
 
-    Files are read by `read_record`: only regular files of at most
+    Record files are `*.json` and compacted `*.json.xz` (`record_files`). They
+    are read by `read_record`: only regular files of at most
     `MAX_RECORD_BYTES` (16 MiB), whose figures agree with their own per-query
     scores; a FIFO, a link to a device, an oversized, deeply nested or forged
     record is skipped with its reason, never waited on or loaded whole.
@@ -68,11 +73,8 @@ def read_records(results_dir: Path) -> tuple[list[tuple[str, ResultRecord]], lis
         raise LeaderboardError(
             f"results folder {results_dir} does not exist; run `python -m benchmark run` first or pass --results-dir"
         )
-    # Not only regular files: anything else named *.json is listed as skipped, with its reason.
-    files = sorted(
-        (p for p in results_dir.rglob("*.json") if not p.is_dir() and not p.name.startswith(".tmp-")),
-        key=lambda p: p.relative_to(results_dir).as_posix(),
-    )
+    # Not only regular files: anything else named like a record is listed as skipped, with its reason.
+    files = record_files(results_dir)
     records: list[tuple[str, ResultRecord]] = []
     skipped: list[Skipped] = []
     for path in files:
@@ -140,6 +142,7 @@ def _entry(rel: str, record: ResultRecord) -> Entry:
         family=attack.family,
         # Records from before access was recorded are Pang & Wang's text-to-image black box.
         access=attack.access or "black-box",
+        query_ids=list(attack.query_ids),
     )
 
 
@@ -218,6 +221,8 @@ class WorstCase:
 
     auc: float
     ci: tuple[float, float] | None
+    # The records of the attack behind `auc`, for the significance tests and the plots' error bars.
+    entries: tuple[Entry, ...] = ()
 
 
 def _worst_case(frame: pd.DataFrame, prefix: str, row: Row) -> WorstCase | None:
@@ -230,7 +235,7 @@ def _worst_case(frame: pd.DataFrame, prefix: str, row: Row) -> WorstCase | None:
     several = frame["attack"].nunique() > 1
     attack, chosen = _worst(frame, lambda e: e.auc)
     aucs = [e.auc for e in chosen]
-    worst = WorstCase(statistics.fmean(aucs), _envelope([e.auc_ci for e in chosen]))
+    worst = WorstCase(statistics.fmean(aucs), _envelope([e.auc_ci for e in chosen]), tuple(chosen))
     row.cells[prefix + "auc"] = _fmt(aucs, ci=worst.ci)
     row.cells[prefix + "auc_attack"] = escape(attack)
     for fpr in LOW_FPRS:
@@ -263,6 +268,12 @@ def _row(defense: str, entries: list[Entry]) -> Row:
     row.auc_all = None if every is None else every.auc
     # The worst case over every attack measured (the Pareto front and the plots rank by it).
     row.auc = every.auc if every is not None else bb.auc  # type: ignore[union-attr]
+    behind = every if every is not None else bb
+    if behind is not None and behind.entries:
+        row.cell = worst_cell(cells(list(behind.entries)))
+        row.auc_interval = (
+            ranking.interval(stats.auc_estimate(ranking.runs(row.cell))) if row.cell.has_scores else behind.ci
+        )
     if bb is not None and every is not None and bb.ci is not None and every.ci is not None:
         # Non-overlapping 95% intervals: the gray-box attacks do significantly better than the black box.
         row.black_box_only = every.ci[0] > bb.ci[1]
@@ -276,6 +287,11 @@ def _row(defense: str, entries: list[Entry]) -> Row:
     clips = [v for v in (_first(s, lambda e: e.clip) for s in per_seed.values()) if v is not None]
     row.fid = statistics.fmean(fids) if fids else None
     row.clip = statistics.fmean(clips) if clips else None
+    row.utility_by_seed = {
+        seed: (fid, clip) for seed, (fid, _, clip) in ranking.utility_by_seed(list(frame["entry"])).items()
+    }
+    row.fid_interval = ranking.interval(stats.seed_mean(fids)) if fids else None
+    row.clip_interval = ranking.interval(stats.seed_mean(clips)) if clips else None
     row.cells["fid"] = _fmt(fids, digits=2) if fids else "–"
     row.cells["kid"] = _fmt(kids, digits=4) if kids else "–"
     row.cells["clip"] = _fmt(clips, digits=2) if clips else "–"
@@ -319,13 +335,25 @@ def aggregate(entries: list[Entry]) -> list[Table]:
         with_fid = [r for r in rows if r.fid is not None]
         if with_fid:
             use_clip = all(r.clip is not None for r in with_fid)
-            points = [(r.auc, r.fid, -r.clip if use_clip else 0.0) for r in with_fid]  # type: ignore[operator]
-            for r, on_front in zip(with_fid, pareto(points), strict=True):
+            candidates = [ranking.Candidate(r.defense, r.auc, r.cell, r.utility_by_seed) for r in with_fid]
+            for r, on_front in zip(with_fid, ranking.significant_front(candidates, use_clip=use_clip), strict=True):
                 r.pareto = on_front
         if reference is not None:
             rows.append(reference)
         tables.append(Table(dataset, scenario, key, rows))
     return tables
+
+
+def headlines(entries: list[Entry]) -> list[ranking.Headline]:
+    """One ranked headline per dataset and utility feature network (never two networks' utility in one)."""
+    frame = _joined_utility_keys(entries_frame(entries))
+    out = []
+    for (dataset, key), group in frame.groupby(["dataset", "utility_key"], sort=True):
+        by_defense = {str(defense): list(items["entry"]) for defense, items in group.groupby("defense", sort=True)}
+        found = ranking.headline(str(dataset), key, by_defense)
+        if found is not None:
+            out.append(found)
+    return out
 
 
 def _base_model_row(undefended: list[Entry]) -> Row | None:
@@ -371,12 +399,93 @@ def slug(*parts: str) -> str:
     return clean
 
 
-def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[str, ...], str]) -> str:
+def _estimate(estimate: Estimate | None, digits: int = 3) -> str:
+    """`value [low, high]`, or the value alone where there is no interval (one seed of a utility figure)."""
+    if estimate is None:
+        return "–"
+    bounds = ranking.interval(estimate)
+    text = f"{estimate.value:.{digits}f}"
+    return text if bounds is None else f"{text} [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+def _methods(found: list[ranking.Headline]) -> str:
+    methods = sorted({r.auc.method for h in found for r in h.rows})
+    one_seed = all(r.auc.n_seeds == 1 for h in found for r in h.rows)
+    text = "; ".join(methods)
+    if one_seed:
+        text += (
+            ". Every defense here has one seed: the intervals and tests are over queries only, so they do not "
+            "say whether the ranking survives another seed"
+        )
+    return text
+
+
+def render_headlines(found: list[ranking.Headline]) -> list[str]:
+    """The headline tables: every defense of a dataset ranked by its worst-case AUC, with the test behind each rank."""
+    if not found:
+        return []
+    out = [
+        "## Headline: defenses ranked by worst-case attack AUC",
+        "",
+        "- Worst case: the (scenario, attack family/attack model) cell with the highest mean attack AUC over seeds, "
+        "over every cell measured against the defense (named `scenario / family/attack-model`). AUC and TPR@1%FPR "
+        "are that cell's, mean over seeds with a 95% interval from a two-level bootstrap: seeds resampled, then "
+        f"members and non-members within each seed ({stats.RESAMPLES:,} resamples). Method here: {_methods(found)}.",
+        "- Rank: 1 + the number of defenses whose worst cell's AUC is significantly lower "
+        f"({ranking.TEST}), and never less than the rank above it, so defenses the test cannot tell apart share a "
+        "rank. Δ AUC is the difference to the "
+        "defense just above, with its interval and two-sided p-value.",
+        "- Seeds and queries: behind the worst cell (queries summed over seeds); n₀ non-members per seed, † where "
+        "they cannot support a 1% FPR.",
+        "- Utility (FID ↓, KID ↓, CLIP score ↑) of the target model: mean over seeds with a 95% Student t interval "
+        "(none with one seed). Only records under one feature network share a table.",
+        "- ★: no other defense is significantly better on one of worst-case AUC, FID and CLIP score while at least "
+        f"as good (means) on the others (AUC: the test above; utility: {ranking.UTILITY_TEST}, which needs two "
+        "shared seeds). An unstarred defense is beaten beyond the noise; a star is not a claim that a difference "
+        "is real.",
+        "",
+    ]
+    for h in found:
+        network = (
+            "no utility measured"
+            if h.utility_key == NO_UTILITY
+            else f"utility on {escape(h.utility_key[0])}, weights sha256 `{escape(h.utility_key[1][:12])}`"
+        )
+        out += [
+            f"**{escape(h.dataset)}** ({network})",
+            "",
+            "| rank | defense | worst cell | AUC ↓ [95%] | TPR@1%FPR ↓ [95%] | Δ AUC vs above [95%], p | seeds "
+            "| queries | FID ↓ | KID ↓ | CLIP score ↑ | Pareto |",
+            "|" + "---|" * 12,
+        ]
+        for r in h.rows:
+            tpr = f"{_estimate(r.tpr)} (n₀={r.n_nonmembers}{'' if r.tpr_supported else ', †'})"
+            versus = "–"
+            if r.versus_above is not None:
+                d = r.versus_above
+                versus = f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}], p={d.p_value:.3g}"
+            out.append(
+                f"| {r.rank} | {escape(r.defense)} | {escape(r.cell)} | {_estimate(r.auc)} | {tpr} | {versus} "
+                f"| {r.auc.n_seeds} | {r.auc.n_queries} | {_estimate(r.fid, 2)} | {_estimate(r.kid, 4)} "
+                f"| {_estimate(r.clip, 2)} | {'★' if r.pareto else ''} |"
+            )
+        out.append("")
+    out += ["## Per scenario", ""]
+    return out
+
+
+def render(
+    tables: list[Table],
+    skipped: list[Skipped],
+    plot_links: dict[tuple[str, ...], str],
+    ranked: list[ranking.Headline] | None = None,
+) -> str:
     out = [
         "# Leaderboard",
         "",
         "Generated by `python -m leaderboard build` from the result records; do not edit by hand.",
         "",
+        *render_headlines(ranked or []),
         "- Privacy: the attack's ROC AUC and TPR at low FPR on the target, the **worst case (max) over attacks**, "
         "each attack named `family/attack-model` (the attack behind the AUC is named; for TPR it is named when "
         "there are several). Lower is better (↓); 0.5 AUC is chance.",
@@ -394,7 +503,10 @@ def render(tables: list[Table], skipped: list[Skipped], plot_links: dict[tuple[s
         "- Utility (FID ↓, KID ↓, CLIP score ↑) is only compared within one feature network (weights hash); "
         "records measured with another network get their own table.",
         "- ★ marks the privacy-utility Pareto front among the defenses (lower AUC, lower FID, higher CLIP score), "
-        "on the all-attacks AUC (the black-box one where no gray-box attack was measured).",
+        "on the all-attacks AUC (the black-box one where no gray-box attack was measured), up to the noise: a "
+        "defense loses its star only to one at least as good on every axis (means) and significantly better on "
+        f"one (AUC: {ranking.TEST}, on each defense's worst attack in the scenario; utility: "
+        f"{ranking.UTILITY_TEST}, which needs two shared seeds).",
         f"- *{BASE_MODEL_ROW}*: the base model before fine-tuning under the same protocol (its AUC is the "
         "undefended attack applied to it, a control that should sit near 0.5). A defense this row dominates "
         "costs more utility than not fine-tuning at all.",
@@ -447,48 +559,32 @@ SUMMARY_START = "<!-- leaderboard summary: generated by `python -m leaderboard b
 SUMMARY_END = "<!-- end of leaderboard summary -->"
 
 
-def summary(tables: list[Table]) -> str:
-    """One compact table per dataset and feature network: worst-case AUC per scenario, then utility.
+def summary(found: list[ranking.Headline]) -> str:
+    """The README's compact form of the headline: per dataset and feature network, every defense ranked.
 
-    Utility and epsilon belong to the target model, which every scenario of a
-    defense shares, so they are shown once.
+    The same ranks, tests and stars as the leaderboard's headline; the intervals are 95%.
     """
     out: list[str] = []
-    by_group: dict[tuple[str, tuple[str, str]], list[Table]] = defaultdict(list)
-    for t in tables:
-        by_group[(t.dataset, t.utility_key)].append(t)
-    for (dataset, key), group in sorted(by_group.items()):
-        scenarios = [t.scenario for t in group]
-        rows: dict[str, dict[str, Row]] = defaultdict(dict)
-        for t in group:
-            for r in t.rows:
-                rows[r.defense][t.scenario] = r
+    for h in found:
         network = (
             "no utility"
-            if key == NO_UTILITY
-            else f"utility on {escape(key[0])}, weights sha256 `{escape(key[1][:12])}`"
+            if h.utility_key == NO_UTILITY
+            else f"utility on {escape(h.utility_key[0])}, weights sha256 `{escape(h.utility_key[1][:12])}`"
         )
+        seeds = sorted({r.auc.n_seeds for r in h.rows})
         out += [
-            f"**{escape(dataset)}** ({network}): attack AUC ↓ (worst case over all attacks measured) per scenario",
+            f"**{escape(h.dataset)}** ({network}; {'/'.join(map(str, seeds))} seed(s) per defense): ranked by "
+            "worst-case attack AUC ↓ over scenarios and attacks; a shared rank is a difference the paired test "
+            "cannot tell from noise",
             "",
+            "| rank | defense | worst cell | AUC ↓ [95%] | TPR@1%FPR ↓ | FID ↓ [95%] | CLIP score ↑ [95%] | ★ |",
+            "|" + "---|" * 8,
         ]
-        out.append(
-            "| defense | "
-            + " | ".join(f"AUC {escape(s)}" for s in scenarios)
-            + " | ε ↓ | FID ↓ | CLIP score ↑ | Pareto front in |"
-        )
-        out.append("|" + "---|" * (len(scenarios) + 5))
-        ordered = sorted(rows, key=lambda d: (any(r.reference for r in rows[d].values()), d))
-        for defense in ordered:
-            cells = rows[defense]
-            any_row = next(iter(cells.values()))
-            aucs = [f"{cells[s].auc:.3f}" if s in cells else "–" for s in scenarios]
-            fronts = ", ".join(escape(s) for s in scenarios if s in cells and cells[s].pareto) or "–"
-            name = f"*{escape(defense)}*" if any_row.reference else escape(defense)
-            eps = any_row.cells.get("eps", "–").split(" ± ")[0]
-            fid = "–" if any_row.fid is None else f"{any_row.fid:.2f}"
-            clip = "–" if any_row.clip is None else f"{any_row.clip:.2f}"
-            out.append(f"| {name} | " + " | ".join(aucs) + f" | {eps} | {fid} | {clip} | {fronts} |")
+        for r in h.rows:
+            out.append(
+                f"| {r.rank} | {escape(r.defense)} | {escape(r.cell)} | {_estimate(r.auc)} | {r.tpr.value:.3f} "
+                f"| {_estimate(r.fid, 2)} | {_estimate(r.clip, 1)} | {'★' if r.pareto else ''} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -520,7 +616,7 @@ def build(results_dir: Path, output: Path | None = None, *, plots: bool = True) 
         why = (
             f"; {len(skipped)} file(s) skipped:\n" + "\n".join(f"  {s.reason}" for s in skipped)
             if skipped
-            else " (no *.json files found)"
+            else " (no *.json or *.json.xz record files found)"
         )
         raise LeaderboardError(f"no valid result records under {results_dir}{why}")
     tables = aggregate(entries)
@@ -540,8 +636,11 @@ def build(results_dir: Path, output: Path | None = None, *, plots: bool = True) 
                 name = f"{PLOTS_DIRNAME}/roc-{slug(dataset, scenario)}.png"
                 images[name] = png
                 links[("roc", dataset, scenario)] = name
-    markdown = render(tables, skipped, links)
-    return Leaderboard(markdown=markdown, tables=tables, entries=entries, skipped=skipped, plots=images)
+    ranked = headlines(entries)
+    markdown = render(tables, skipped, links, ranked)
+    return Leaderboard(
+        markdown=markdown, tables=tables, entries=entries, skipped=skipped, plots=images, headlines=ranked
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = args.readme.read_text()
             except OSError as exc:
                 raise LeaderboardError(f"cannot read --readme {args.readme}: {exc}") from None
-            atomic_write(args.readme, replace_summary(text, summary(board.tables)).encode())
+            atomic_write(args.readme, replace_summary(text, summary(board.headlines)).encode())
     except LeaderboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,9 @@ from typing import Any
 import pandas as pd
 
 from benchmark.pipeline.records import ResultRecord
-from leaderboard.build import LeaderboardError, Skipped, read_records
+from benchmark.pipeline.statistics import Difference, Estimate
+from leaderboard.build import LeaderboardError, Skipped, collect, headlines, read_records
+from leaderboard.ranking import Headline
 
 # The columns that say which cell a row is, first and in this order.
 KEY_COLUMNS = ("path", "run_id", "dataset", "scenario", "defense", "attack_model", "query_access", "seed", "epsilon")
@@ -55,6 +57,85 @@ def load_results(results_dir: Path | str) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns)
     frame.attrs[SKIPPED_ATTR] = [{"path": s.path, "reason": s.reason} for s in skipped]
     return frame
+
+
+def load_headline(results_dir: Path | str) -> pd.DataFrame:
+    """The leaderboard's headline as a DataFrame: every defense ranked by its worst-case attack AUC.
+
+    One row per dataset, feature network and defense, in rank order, with the columns of
+    `headline_frame`. Invalid files are skipped as `load_results` skips them.
+
+    Raises:
+        LeaderboardError: the folder does not exist.
+    """
+    entries, skipped = collect(Path(results_dir))
+    frame = headline_frame(headlines(entries))
+    frame.attrs[SKIPPED_ATTR] = [{"path": s.path, "reason": s.reason} for s in skipped]
+    return frame
+
+
+def headline_frame(found: list[Headline]) -> pd.DataFrame:
+    """Headlines as one flat DataFrame.
+
+    Columns: `dataset`, `utility.feature_network`, `utility.feature_network_sha256`,
+    `rank`, `defense`, `cell`, `pareto`, `tpr.supported`, `tpr.n_nonmembers`; for each
+    estimate (`auc`, `tpr@fpr=0.01`, `utility.fid`, `utility.kid`, `utility.clip_score`)
+    `<name>`, `.ci_low`, `.ci_high`, `.n_seeds`, `.n_queries`, `.method`; and the test
+    against the defense ranked just above as `versus_above.value|ci_low|ci_high|p_value|n_seeds|method`.
+    """
+    rows = []
+    for h in found:
+        for r in h.rows:
+            row: dict[str, Any] = {
+                "dataset": h.dataset,
+                "utility.feature_network": h.utility_key[0],
+                "utility.feature_network_sha256": h.utility_key[1],
+                "rank": r.rank,
+                "defense": r.defense,
+                "cell": r.cell,
+                "pareto": r.pareto,
+                "tpr.supported": r.tpr_supported,
+                "tpr.n_nonmembers": r.n_nonmembers,
+            }
+            for name, estimate in (
+                ("auc", r.auc),
+                ("tpr@fpr=0.01", r.tpr),
+                ("utility.fid", r.fid),
+                ("utility.kid", r.kid),
+                ("utility.clip_score", r.clip),
+            ):
+                row.update(_estimate_columns(name, estimate))
+            row.update(_difference_columns("versus_above", r.versus_above))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _estimate_columns(name: str, estimate: Estimate | None) -> dict[str, Any]:
+    if estimate is None:
+        return dict.fromkeys((name, *(f"{name}.{k}" for k in ("ci_low", "ci_high", "n_seeds", "n_queries", "method"))))
+    return {
+        name: estimate.value,
+        f"{name}.ci_low": estimate.low,
+        f"{name}.ci_high": estimate.high,
+        f"{name}.n_seeds": estimate.n_seeds,
+        f"{name}.n_queries": estimate.n_queries,
+        f"{name}.method": estimate.method,
+    }
+
+
+def _difference_columns(name: str, difference: Difference | None) -> dict[str, Any]:
+    keys = ("value", "ci_low", "ci_high", "p_value", "n_seeds", "method")
+    if difference is None:
+        return dict.fromkeys(f"{name}.{k}" for k in keys)
+    values = (
+        difference.value,
+        difference.low,
+        difference.high,
+        difference.p_value,
+        difference.n_seeds,
+        difference.method,
+    )
+    return {f"{name}.{k}": v for k, v in zip(keys, values, strict=True)}
 
 
 def skipped_files(frame: pd.DataFrame) -> list[Skipped]:

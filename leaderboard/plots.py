@@ -25,8 +25,10 @@ def _png(fig: plt.Figure) -> bytes:
 def tradeoff(table: Table) -> bytes:
     """Attack AUC (worst case) against FID and against CLIP score, one point per defense preset.
 
-    The Pareto front (over AUC, FID and CLIP score together) is starred; the base
-    model before fine-tuning is drawn as a grey square for reference.
+    Stars mark the defenses no other one dominates significantly (over AUC, FID and CLIP
+    score together); the base model before fine-tuning is drawn as a grey square for
+    reference. Error bars are 95% intervals: AUC over seeds and queries, utility over seeds
+    (none with one seed).
     """
     rows = [r for r in table.rows if r.fid is not None]
     with_clip = [r for r in rows if r.clip is not None]
@@ -36,9 +38,20 @@ def tradeoff(table: Table) -> bytes:
         for r in chosen:
             x = getattr(r, attr)
             if r.reference:
-                ax.scatter(x, r.auc, marker="s", s=60, color="grey")
+                points = ax.scatter(x, r.auc, marker="s", s=60, color="grey")
             else:
-                ax.scatter(x, r.auc, marker="*" if r.pareto else "o", s=110 if r.pareto else 40)
+                points = ax.scatter(x, r.auc, marker="*" if r.pareto else "o", s=110 if r.pareto else 40)
+            ax.errorbar(
+                x,
+                r.auc,
+                xerr=_bar(x, getattr(r, f"{attr}_interval")),
+                yerr=_bar(r.auc, r.auc_interval),
+                fmt="none",
+                ecolor=points.get_facecolor()[0],
+                elinewidth=0.8,
+                capsize=2,
+                alpha=0.7,
+            )
             ax.annotate(
                 "base model" if r.reference else plain_text(r.defense),
                 (x, r.auc),
@@ -59,7 +72,7 @@ def tradeoff(table: Table) -> bytes:
                 color="black",
                 lw=0.8,
                 ls="--",
-                label="Pareto front of this panel (★: front over AUC, FID and CLIP score)",
+                label="Pareto front of this panel (★: not significantly dominated, all three metrics)",
             )
             ax.legend(loc="upper left" if attr == "clip" else "upper right", fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -69,6 +82,14 @@ def tradeoff(table: Table) -> bytes:
     fig.suptitle(f"{title}: privacy-utility trade-off", fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+def _bar(value: float, interval: tuple[float, float] | None) -> np.ndarray | None:
+    """An interval as matplotlib's asymmetric error bar (distances below and above the value)."""
+    if interval is None:
+        return None
+    # A percentile interval need not contain the mean of the per-seed figures; never draw a negative length.
+    return np.array([[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]])
 
 
 def roc_curve(labels: list[int], scores: list[float]) -> tuple[np.ndarray, np.ndarray]:

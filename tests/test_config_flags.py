@@ -23,6 +23,7 @@ from benchmark.app.suite import cell_key
 from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.records import parse_json, read_record_bytes, record_files
 from benchmark.pipeline.target import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,8 +291,8 @@ def test_from_dict_converts_json_and_rejects_non_finite_numbers() -> None:
 
 
 def reference_configs() -> list[dict[str, object]]:
-    paths = sorted((ROOT / "leaderboard" / "reference" / "results").rglob("*.json"))
-    return [json.loads(p.read_text())["config"] for p in paths]
+    paths = record_files(ROOT / "leaderboard" / "reference")
+    return [parse_json(read_record_bytes(p), source=str(p))["config"] for p in paths]
 
 
 def test_old_records_with_preset_load_and_keep_their_cell() -> None:

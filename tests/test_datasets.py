@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 from benchmark.pipeline.data import DATASETS, DatasetError, DatasetSpec
 from benchmark.pipeline.data import scenes as scenes_module
 from benchmark.pipeline.data.folder import FolderDataset
-from benchmark.pipeline.data.scenes import DEFAULT_SIZE, ScenesDataset
+from benchmark.pipeline.data.scenes import COLOR_STAGES, DEFAULT_SIZE, EXTENDED_SIZE, ScenesDataset
 from benchmark.pipeline.data.splits import SplitSizes, make_splits
 
 
@@ -62,6 +63,70 @@ def test_scenes_owner_domain_is_spotlit_and_the_public_split_mixes_both() -> Non
     assert corner_over_centre(owner[:100]) < 0.75 * corner_over_centre([i - 1 for i in owner[:100]])
     # The caption does not say which lighting an image has.
     assert not any("light" in ds.caption(i) for i in range(len(ds)))
+
+
+# Today's default pool, recorded before the palette grew: committed records and cached models
+# (keyed by `describe()`) were made from exactly these items.
+PINNED_DEFAULT_ITEMS = {
+    0: (
+        "a large black square at the top right on a yellow background",
+        "f172547b2ade503c02692de5b170fa090f512b188e1edf39a5dc542ab3ebfc49",
+    ),
+    1: (
+        "a small blue diamond at the bottom on a black background",
+        "05471ccd1ddfa304011cd60a507435447619263b0d9b448c1c89e72f2250357e",
+    ),
+    4031: (
+        "a small blue square at the right on a white background",
+        "f1e42750f9de5bcb4ca4e0dde713521afaa947ec3af6cec80fb3eef3740fe979",
+    ),
+}
+
+
+def _image_sha256(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_scenes_default_pool_is_pinned() -> None:
+    """Bit-identical items and description: a change here silently invalidates records and caches."""
+    ds = DATASETS.get("scenes")(DatasetSpec("scenes", resolution=16))
+    for index, (caption, image_sha256) in PINNED_DEFAULT_ITEMS.items():
+        assert ds.ids[index] == f"scene-{index:05d}"
+        assert ds.caption(index) == caption
+        assert _image_sha256(ds.image(index)) == image_sha256
+    captions = "\n".join(ds.caption(i) for i in range(len(ds)))
+    assert hashlib.sha256(captions.encode()).hexdigest() == (
+        "6806d5ba638e9ffa480ac7145be6f742eda670ab628455c9a967375affdc061e"
+    )
+    assert ds.describe() == {
+        "name": "scenes",
+        "version": "3",
+        "size": 4032,
+        "resolution": 16,
+        "generator_seed": 0,
+        "domains": {"public": "flat and spotlight lighting", "owner": "spotlight lighting (odd indices)"},
+    }
+
+
+def test_scenes_extended_pool_appends_after_the_default() -> None:
+    default = ScenesDataset(resolution=16, size=DEFAULT_SIZE)
+    extended = ScenesDataset(resolution=16, size=EXTENDED_SIZE)
+    assert extended.ids[:DEFAULT_SIZE] == default.ids
+    for index in (*PINNED_DEFAULT_ITEMS, 2, 1000, 4030):
+        assert extended.caption(index) == default.caption(index)
+        np.testing.assert_array_equal(extended.image(index), default.image(index))
+    captions = [extended.caption(i) for i in range(EXTENDED_SIZE)]
+    assert captions[:DEFAULT_SIZE] == [default.caption(i) for i in range(DEFAULT_SIZE)]
+    assert len(set(captions)) == EXTENDED_SIZE
+    added = COLOR_STAGES[1]
+    words = [set(c.split()) for c in captions]
+    assert not any(w & set(added) for w in words[:DEFAULT_SIZE])
+    assert all(w & set(added) for w in words[DEFAULT_SIZE:])
+    # Both lightings still alternate, so the owner's domain stays the odd indices.
+    assert list(extended.owner_pool) == list(range(1, EXTENDED_SIZE, 2))
+    assert extended.describe()["size"] == EXTENDED_SIZE
+    with pytest.raises(DatasetError, match=f"{EXTENDED_SIZE} distinct captions"):
+        ScenesDataset(resolution=8, size=EXTENDED_SIZE + 1)
 
 
 def test_scenes_size_and_resolution_limits() -> None:

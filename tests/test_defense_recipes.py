@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,8 @@ def test_early_stopping_on_a_constructed_overfitting_case(tiny_model_dir: Path, 
     kept, held_out = holdout_split(len(images), 0.25, seed=0)
     for source, target in zip(kept, held_out, strict=False):
         images[target], captions[target] = -images[source], captions[source]
-    hooks = EarlyStopHooks(EarlyStopConfig(validation_fraction=0.25, patience=2, validation_draws=8))
+    # No warm-up: the case is built to overfit within a few steps at this learning rate.
+    hooks = EarlyStopHooks(EarlyStopConfig(validation_fraction=0.25, patience=2, validation_draws=8, warmup_steps=0))
     report = train(
         load_model(tiny_model_dir),
         images,
@@ -178,6 +180,58 @@ def test_early_stopping_on_a_constructed_overfitting_case(tiny_model_dir: Path, 
     assert details["stopped_early"] is True and report.epochs_completed < 12
     losses = details["validation_loss"]
     assert losses[-1] > details["best_validation_loss"] == min(losses)  # type: ignore[operator]
+
+
+def test_early_stopping_restores_a_later_step_where_the_loss_falls(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
+    """On an untrained model every owner's held-out loss falls: the defense must not hand back
+    the weights it started from (version 1 did, on the embedded default, for every patience)."""
+    model = load_model(tiny_model_dir)
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    hooks = EarlyStopHooks(EarlyStopConfig(validation_fraction=0.25))  # the defaults: warm-up, 16 draws
+    report = train(model, *data, TrainConfig(epochs=30, batch_size=6, learning_rate=3e-3), hooks=hooks)
+    details = hooks.details()
+    assert details["best_step"] >= 1 and details["best_validation_loss"] < details["validation_loss_before"]  # type: ignore[operator]
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(model.unet.parameters(), before, strict=True))
+    assert report.steps == details["steps_run"] and details["warmup_steps"] == 100
+
+
+def test_early_stopping_counts_patience_in_steps_and_can_keep_the_last_weights(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]
+    scripted = iter([1.0, 0.9, 0.8, 0.85, 0.9, 0.95, 1.0])  # first: before fine-tuning
+    snapshots: list[list[torch.Tensor]] = []
+
+    class Scripted(EarlyStopHooks):
+        def validation_loss(self, state: TrainingState) -> float:
+            snapshots.append([p.detach().clone() for p in state.parameters])
+            return next(scripted)
+
+    model = load_model(tiny_model_dir)
+    hooks = Scripted(EarlyStopConfig(patience=4, validation_fraction=0.25, restore_best=False))
+    # 6 trained examples in batches of 3: two steps per epoch, so a patience of 4 steps is 2 epochs.
+    report = train(model, *data, TrainConfig(epochs=8, batch_size=3, learning_rate=1e-3), hooks=hooks)
+    details = hooks.details()
+    assert details["validation_steps"] == [2, 4, 6, 8] and details["best_step"] == 4
+    assert report.steps == 8 and details["stopped_early"] is True and details["restored_best"] is False
+    for p, kept in zip(model.unet.parameters(), snapshots[-1], strict=True):
+        assert torch.equal(p.detach(), kept)
+
+
+def test_early_stopping_warms_up_its_own_recipe_only() -> None:
+    plain = TrainConfig(epochs=600, batch_size=32, learning_rate=3e-3)
+    assert resolve("early_stop").recipe(plain).lr_warmup_steps == 100
+    assert resolve("early_stop").recipe(dataclasses.replace(plain, lr_warmup_steps=300)).lr_warmup_steps == 300
+    assert resolve("none").recipe(plain) == plain
+    # The composition keeps the other part's caps and adds the warm-up.
+    composed = resolve("dpsgd.eps8+early_stop.best").recipe(plain)
+    assert composed.lr_warmup_steps == 100 and composed.epochs < plain.epochs
+
+
+def test_early_stopping_presets_keep_different_models() -> None:
+    configs = [resolve(f"early_stop.{tag}").config for tag in resolve("early_stop").presets]
+    assert len(set(configs)) == len(configs) >= 2
+    # Restoring the best step, patience changes the model only on a curve with several dips (on
+    # the default every patience restored step 7), so one preset restores and the others keep
+    # the weights at the stop.
+    assert sum(c.restore_best for c in configs) == 1
 
 
 def test_validation_loss_uses_fixed_noise(tiny_model_dir: Path, data) -> None:  # type: ignore[no-untyped-def]

@@ -39,7 +39,7 @@ def members(scene_captions: list[str]) -> tuple[torch.Tensor, list[str]]:
 def test_builtin_defenses_and_presets_are_registered() -> None:
     assert {"none", "dpsgd", "lora", "augment", "early_stop"} <= set(DEFENSES.names())
     table = presets()
-    for name in ("dpsgd.eps1", "dpsgd.eps4", "dpsgd.eps8", "lora.r4", "lora.r16", "augment.flip", "early_stop.p3"):
+    for name in ("dpsgd.eps1", "dpsgd.eps4", "dpsgd.eps8", "lora.r4", "lora.r16", "augment.flip", "early_stop.best"):
         assert name in table, name
     for name, preset in table.items():
         defense = resolve(name)
@@ -202,7 +202,8 @@ SMOKE_SPECS = (
     sorted(DEFENSES.names())
     + sorted(presets())
     + [
-        "augment.all+dpsgd.sigma1+early_stop.p1+lora.r4"  # everything at once
+        # Everything at once; early_stop keeps its last weights (restoring, it may give back the base).
+        "augment.all+dpsgd.sigma1+early_stop.last30+lora.r4"
     ]
 )
 
@@ -340,3 +341,12 @@ def test_cli_defense_args_reach_the_run_config() -> None:
         "dpsgd": dataclasses.asdict(DPSGDConfig(target_epsilon=8.0, delta=1e-4)),
         "lora": dataclasses.asdict(LoRAConfig(rank=8)),
     }
+
+
+def test_the_whole_grid_includes_dp_lora_at_two_budgets() -> None:
+    from defenses import resolve, suite_defenses
+
+    grid = suite_defenses()
+    assert grid[0] == "none" and "dpsgd.eps8+lora.r4" in grid and "dpsgd.eps1+lora.r4" in grid
+    for name in grid:
+        resolve(name)  # every entry is a valid defense

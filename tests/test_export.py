@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from benchmark.kernel.progress import StageTimer
-from benchmark.pipeline.records import ComponentRecord, write_record
+from benchmark.pipeline.records import ComponentRecord, load_record, record_files, write_record
 from leaderboard import load_results
 from leaderboard.cli import main as leaderboard_main
 from leaderboard.frame import skipped_files
@@ -112,8 +112,10 @@ def test_load_results_skips_corrupt_and_foreign_files_and_says_which(results: Pa
 
 def test_reference_records_hold_no_machine_paths() -> None:
     folder = Path(__file__).resolve().parents[1] / "leaderboard" / "reference" / "results"
-    for path in folder.rglob("*.json"):
-        config = json.loads(path.read_text())["config"]
+    paths = record_files(folder)
+    assert paths, "the committed reference records are missing"
+    for path in paths:
+        config = load_record(path)["config"]
         assert (config["results_dir"], config["cache_dir"]) == ("<results>", "<cache>"), path
         for name in ("dataset_path", "model_path", "encoder_path", "captioner_path", "clip_model", "fid_weights"):
             assert config[name] is None or not str(config[name]).startswith("/"), (path, name)

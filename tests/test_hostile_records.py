@@ -1,7 +1,8 @@
 """Hostile records and results folders: each reader skips the bad item with a reason and goes on.
 
 The three readers of a results folder (the leaderboard build, the suite's scan of
-finished cells, `reproduce`) share one reader, `read_record`. For every crafted
+finished cells, `reproduce`) share one reader, `read_record`, for plain and
+compacted (`*.json.xz`) records alike. For every crafted
 item below the leaderboard is still built from the good records with the item
 listed as skipped, the suite does not count it (and does not hang), and
 `reproduce` exits 2 with one line naming the problem, without a traceback.
@@ -15,6 +16,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from benchmark.pipeline.records import (
     RecordError,
     ResultRecord,
     check_consistency,
+    compress,
     encode,
     validate,
 )
@@ -56,6 +59,13 @@ def _put(folder: Path, name: str, text: str) -> Path:
     path = folder / "scenes" / "I" / "none" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return path
+
+
+def _put_bytes(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / "scenes" / "I" / "none" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
     return path
 
 
@@ -141,6 +151,39 @@ def _truncated(folder: Path) -> Path:
     return _put(folder, "truncated.json", text[: len(text) // 2])
 
 
+def _packed() -> bytes:
+    return compress(encode(_data()).encode())
+
+
+def _xz_truncated(folder: Path) -> Path:
+    packed = _packed()
+    return _put_bytes(folder, "truncated.json.xz", packed[: len(packed) // 2])
+
+
+def _xz_corrupt(folder: Path) -> Path:
+    packed = bytearray(_packed())
+    packed[len(packed) // 2] ^= 0xFF  # xz checks a CRC64 of the whole record
+    return _put_bytes(folder, "corrupt.json.xz", bytes(packed))
+
+
+def _xz_not_xz(folder: Path) -> Path:
+    return _put(folder, "plain.json.xz", encode(_data()))
+
+
+def _xz_trailing(folder: Path) -> Path:
+    return _put_bytes(folder, "trailing.json.xz", _packed() + b"more")
+
+
+@lru_cache(maxsize=1)
+def _bomb() -> bytes:
+    # 16 MiB of spaces pack into a few KB: the reader must stop at the limit, not inflate it all.
+    return compress(b"{" + b" " * MAX_RECORD_BYTES + b"}")
+
+
+def _xz_bomb(folder: Path) -> Path:
+    return _put_bytes(folder, "bomb.json.xz", _bomb())
+
+
 def _wrong_schema(folder: Path) -> Path:
     data = _data()
     data["schema_version"] = 3
@@ -159,16 +202,21 @@ BAD: dict[str, tuple[Callable[[Path], Path], str]] = {
     "symlink to /dev/zero": (_dev_zero, "not a regular file"),
     "truncated JSON": (_truncated, "not valid JSON"),
     "wrong schema version": (_wrong_schema, "schema_version 3 is not supported"),
+    "truncated xz": (_xz_truncated, "the compressed record is truncated"),
+    "corrupt xz": (_xz_corrupt, "not a readable xz-compressed record"),
+    "plain JSON named .json.xz": (_xz_not_xz, "not a readable xz-compressed record"),
+    "bytes after the xz stream": (_xz_trailing, "bytes after the end of the compressed record"),
+    "xz bomb": (_xz_bomb, f"over the {MAX_RECORD_BYTES}-byte limit for a record once decompressed"),
 }
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    """Two good records (seeds 0 and 1 of the undefended cell)."""
+    """Two good records (seeds 0 and 1 of the undefended cell), one plain and one compacted."""
     results = tmp_path / "results"
-    for seed in (0, 1):
-        record = _record(seed)
-        _put(results, f"{record.run_id}.json", encode(record.to_dict()))
+    plain, packed = _record(0), _record(1)
+    _put(results, f"{plain.run_id}.json", encode(plain.to_dict()))
+    _put_bytes(results, f"{packed.run_id}.json.xz", compress(encode(packed.to_dict()).encode()))
     return results
 
 

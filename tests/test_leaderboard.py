@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from scipy import stats as scipy_stats
 
+from benchmark.pipeline import statistics as stats
 from benchmark.pipeline.records import ResultRecord, UtilityFigures, encode
 from leaderboard.build import build, escape, pareto
 from leaderboard.cli import main
+from leaderboard.ranking import Headline, HeadlineRow
 from tests.factories import make_record
 
 
@@ -62,7 +67,9 @@ def test_build_skips_bad_files_and_marks_pareto(results: Path, tmp_path: Path, c
     assert {"none", "dpsgd.eps1", "augment.strong"} <= set(rows)
     # header: defense seeds attacks, black box: AUC attack TPR1 TPR01, all attacks: AUC attack TPR1,
     # eps FID KID CLIP Pareto
-    assert rows["none"][-1] == "★" and rows["dpsgd.eps1"][-1] == "★" and rows["augment.strong"][-1] == ""
+    # augment.strong (0.90, FID 20) is behind none (0.85, FID 11) on every axis, but with 8 non-members and
+    # one shared seed nothing of it is significant: it keeps its star (see the significant-dominance tests).
+    assert rows["none"][-1] == "★" and rows["dpsgd.eps1"][-1] == "★" and rows["augment.strong"][-1] == "★"
     assert rows["none"][4] == "pang-wang/threshold"  # worst case over attacks
     assert rows["dpsgd.eps1"][10].startswith("1.00")
     assert "†" in rows["none"][5] and "n₀=8" in rows["none"][5]
@@ -87,10 +94,13 @@ def test_malicious_defense_name_is_escaped(tmp_path: Path):
     (folder / "evil.json").write_text(encode(record.to_dict()))
     md = build(folder, plots=False).markdown
     assert "<script>" not in md and "`code`" not in md
-    table = [line for line in md.splitlines() if line.startswith("| ") and "x &#124; y" in line]
-    assert len(table) == 1
-    header = next(line for line in md.splitlines() if line.startswith("| defense"))
-    assert table[0].count(" | ") == header.count(" | ")
+    lines = md.splitlines()
+    # Once in the headline and once in the scenario's table, each with as many cells as its header.
+    rows = [i for i, line in enumerate(lines) if line.startswith("| ") and "x &#124; y" in line]
+    assert len(rows) == 2
+    for i in rows:
+        header = next(line for line in reversed(lines[:i]) if line.startswith(("| defense", "| rank")))
+        assert lines[i].count(" | ") == header.count(" | ")
     assert escape("a|b") == "a&#124;b"
 
 
@@ -189,14 +199,16 @@ def _gray_box(record: ResultRecord, family: str = "loss") -> ResultRecord:
 
 def test_black_box_and_all_attacks_worst_cases_side_by_side(tmp_path: Path):
     folder = tmp_path / "results"
+    # 64 non-members per record: enough for lora.r4's 0.95 against none's 0.90 to be significant (Pareto below).
+    record = functools.partial(make_record, n_nonmembers=64)
     # lora.r4 stops the black box (0.55) but not the loss attack (0.95): intervals [0.45, 0.65] < [0.85, 1.0].
-    put(folder, make_record(defense="lora", preset="r4", auc=0.55, tpr1=0.1, fid=12.0, clip=30.0))
-    put(folder, _gray_box(make_record(defense="lora", preset="r4", auc=0.95, tpr1=0.8, fid=12.0, clip=30.0)))
+    put(folder, record(defense="lora", preset="r4", auc=0.55, tpr1=0.1, fid=12.0, clip=30.0))
+    put(folder, _gray_box(record(defense="lora", preset="r4", auc=0.95, tpr1=0.8, fid=12.0, clip=30.0)))
     # dpsgd.eps1 stops both: the loss attack's 0.60 [0.50, 0.70] overlaps the black box's 0.55 [0.45, 0.65].
-    put(folder, make_record(defense="dpsgd", preset="eps1", auc=0.55, fid=40.0, clip=20.0, epsilon=1.0))
-    put(folder, _gray_box(make_record(defense="dpsgd", preset="eps1", auc=0.60, fid=40.0, clip=20.0, epsilon=1.0)))
+    put(folder, record(defense="dpsgd", preset="eps1", auc=0.55, fid=40.0, clip=20.0, epsilon=1.0))
+    put(folder, _gray_box(record(defense="dpsgd", preset="eps1", auc=0.60, fid=40.0, clip=20.0, epsilon=1.0)))
     # none was only attacked through the black box.
-    put(folder, make_record(defense="none", auc=0.90, fid=10.0, clip=30.0))
+    put(folder, record(defense="none", auc=0.90, fid=10.0, clip=30.0))
     board = build(folder, plots=False)
     md = board.markdown
     header = next(line for line in md.splitlines() if line.startswith("| defense"))
@@ -223,8 +235,8 @@ def test_black_box_and_all_attacks_worst_cases_side_by_side(tmp_path: Path):
     # No gray-box record: not measured, never the black-box figure again.
     assert none[3].startswith("0.900") and none[4] == "pang-wang/threshold"
     assert none[7:10] == ["–", "–", "–"]
-    # Pareto on the all-attacks worst case: lora.r4 (0.95, FID 12) is dominated by none (0.90, FID 10),
-    # though its black-box 0.55 alone would have put it on the front.
+    # Pareto on the all-attacks worst case: lora.r4 (0.95, FID 12) is significantly dominated by none
+    # (0.90, FID 10), though its black-box 0.55 alone would have put it on the front.
     assert lora[-1] == "" and none[-1] == "★" and dp[-1] == "★"
     [table] = board.tables
     by_name = {r.defense: r for r in table.rows}
@@ -249,3 +261,171 @@ def test_a_record_without_utility_joins_its_targets_row(tmp_path: Path):
     assert lora.auc_all is not None and abs(lora.auc_all - 0.95) < 0.01 and lora.fid == 12.0
     assert rows["a", "none"].auc_all is None and rows["b", "none"].auc_all is None, sorted(rows)
     assert rows["", "none"].auc_all is not None  # left in a table of its own, utility not measured
+
+
+# ---------------------------------------------------------------- the headline: ranks that survive another seed
+
+REFERENCE_RESULTS = Path(__file__).resolve().parents[1] / "leaderboard" / "reference" / "results"
+# The earlier suite: one seed per defense, two feature networks.
+SINGLE_SEED_RESULTS = REFERENCE_RESULTS.parent / "single-seed" / "results"
+SEEDS = (0, 1, 2)
+
+
+def _three_seeds(
+    folder: Path,
+    defense: str,
+    preset: str | None,
+    aucs: tuple[float, float, float],
+    fids: tuple[float, float, float] = (10.0, 10.0, 10.0),
+    **changes: Any,
+) -> None:
+    """One record per seed, 128 non-members each (the reference suite's size); per-seed AUCs and FIDs."""
+    for seed, auc, fid in zip(SEEDS, aucs, fids, strict=True):
+        put(
+            folder,
+            make_record(defense=defense, preset=preset, seed=seed, auc=auc, fid=fid, n_nonmembers=128, **changes),
+        )
+
+
+def _headline_rows(headlines: list[Headline], key: str = "a") -> dict[str, HeadlineRow]:
+    """The rows of the headline whose feature network's hash starts with `key`, by defense."""
+    [headline] = [h for h in headlines if h.utility_key[1].startswith(key)]
+    return {r.defense: r for r in headline.rows}
+
+
+def test_identical_defenses_share_a_rank_and_separated_ones_do_not(tmp_path: Path):
+    folder = tmp_path / "results"
+    _three_seeds(folder, "dpsgd", "eps1", (0.52, 0.53, 0.51), fids=(30.0, 31.0, 29.0))
+    # Two presets whose attacks score every query identically: a difference of exactly 0.
+    _three_seeds(folder, "lora", "r4", (0.70, 0.72, 0.74))
+    _three_seeds(folder, "lora", "r8", (0.70, 0.72, 0.74))
+    _three_seeds(folder, "none", None, (0.97, 0.98, 0.99))
+    board = build(folder, plots=False)
+    rows = _headline_rows(board.headlines)
+    assert [(r.defense, r.rank) for r in board.headlines[0].rows] == [
+        ("dpsgd.eps1", 1),
+        ("lora.r4", 2),
+        ("lora.r8", 2),
+        ("none", 4),
+    ]
+    same = rows["lora.r8"].versus_above
+    assert same.value == 0 and not same.significant and same.p_value == 1.0
+    for defense in ("lora.r4", "none"):
+        step = rows[defense].versus_above
+        assert step.significant and step.low > 0 and step.p_value < 0.05
+        assert step.method == stats.PAIRED
+    md = board.markdown
+    assert md.index("## Headline") < md.index("## scenes, scenario I")
+    assert "paired bootstrap over seeds and queries, 2,000 resamples, 95%" in md
+    line = next(line for line in md.splitlines() if line.startswith("| 2 | lora.r8 |"))
+    assert "+0.000 [+0.000, +0.000], p=1" in line
+
+
+def test_the_headline_aggregates_three_seeds_and_names_the_worst_cell(tmp_path: Path):
+    folder = tmp_path / "results"
+    # The worst case is scenario III's threshold attack (0.80 on average), not scenario I's or the mlp's.
+    _three_seeds(folder, "lora", "r4", (0.70, 0.72, 0.74), scenario="I", fids=(10.0, 11.0, 12.0))
+    _three_seeds(folder, "lora", "r4", (0.78, 0.80, 0.82), scenario="III", fids=(10.0, 11.0, 12.0))
+    _three_seeds(folder, "lora", "r4", (0.60, 0.61, 0.62), scenario="III", attack_model="mlp", fids=(10.0, 11.0, 12.0))
+    board = build(folder, plots=True)
+    row = _headline_rows(board.headlines)["lora.r4"]
+    assert row.cell == "III / pang-wang/threshold" and row.rank == 1 and row.versus_above is None
+    assert row.auc.n_seeds == 3 and row.auc.n_queries == 3 * (250 + 128)
+    assert row.auc.method == stats.HIERARCHICAL and row.tpr.method == stats.HIERARCHICAL
+    assert row.auc.value == pytest.approx(0.80, abs=1e-3) and row.auc.low < 0.80 < row.auc.high
+    assert row.tpr.low <= row.tpr.value <= row.tpr.high and row.tpr_supported and row.n_nonmembers == 128
+    # Utility: the target's, once per seed (not once per scenario or attack), with a t interval over seeds.
+    low, high = scipy_stats.t.interval(0.95, 2, loc=11.0, scale=scipy_stats.sem([10.0, 11.0, 12.0]))
+    assert (row.fid.value, row.fid.n_seeds) == (11.0, 3)
+    assert (row.fid.low, row.fid.high) == (pytest.approx(low), pytest.approx(high))
+    line = next(line for line in board.markdown.splitlines() if line.startswith("| 1 | lora.r4 |"))
+    cells = [c.strip() for c in line.strip("|").split(" | ")]
+    assert cells[2] == "III / pang-wang/threshold" and cells[6:8] == ["3", str(3 * 378)]
+    assert cells[8] == f"11.00 [{low:.2f}, {high:.2f}]"
+    # The scenario tables' rows carry the intervals the trade-off plot draws as error bars.
+    [table] = [t for t in board.tables if t.scenario == "III"]
+    [lora] = [r for r in table.rows if r.defense == "lora.r4"]
+    assert lora.auc_interval is not None and lora.auc_interval[0] < lora.auc < lora.auc_interval[1]
+    assert lora.fid_interval == (pytest.approx(low), pytest.approx(high))
+    assert any(name.startswith("leaderboard_plots/tradeoff-scenes-III") for name in board.plots)
+
+
+def test_the_headline_never_mixes_feature_networks(tmp_path: Path):
+    folder = tmp_path / "results"
+    _three_seeds(folder, "none", None, (0.9, 0.9, 0.9))
+    _three_seeds(folder, "lora", "r4", (0.6, 0.6, 0.6), network=("inception", "b" * 64), fids=(50.0, 50.0, 50.0))
+    board = build(folder, plots=False)
+    assert sorted((h.utility_key[0], [r.defense for r in h.rows]) for h in board.headlines) == [
+        ("clip-ref", ["none"]),
+        ("inception", ["lora.r4"]),
+    ]
+    assert _headline_rows(board.headlines, "b")["lora.r4"].fid.value == 50.0
+
+
+def test_a_star_is_lost_only_to_a_significant_dominance(tmp_path: Path):
+    folder = tmp_path / "results"
+    # The same attack scores on all three; utility over three seeds decides.
+    _three_seeds(folder, "lora", "r1", (0.6, 0.6, 0.6), fids=(10.0, 10.1, 9.9))
+    _three_seeds(folder, "lora", "r4", (0.6, 0.6, 0.6), fids=(20.0, 20.2, 19.8))  # FID worse beyond the noise
+    _three_seeds(folder, "lora", "r8", (0.6, 0.6, 0.6), fids=(10.5, 9.5, 10.2))  # worse on average, within noise
+    board = build(folder, plots=False)
+    rows = _headline_rows(board.headlines)
+    assert rows["lora.r1"].pareto and rows["lora.r8"].pareto and not rows["lora.r4"].pareto
+    [table] = board.tables
+    assert {r.defense: r.pareto for r in table.rows} == {"lora.r1": True, "lora.r4": False, "lora.r8": True}
+
+
+def test_paired_comparison_follows_query_ids_not_positions(tmp_path: Path):
+    folder = tmp_path / "results"
+    _three_seeds(folder, "lora", "r4", (0.7, 0.7, 0.7))
+    # The same scores for the same queries, stored in reverse order: still a difference of exactly 0.
+    for seed in SEEDS:
+        record = make_record(defense="lora", preset="r8", seed=seed, auc=0.7, n_nonmembers=128)
+        attack = record.attack
+        reverse = dataclasses.replace(
+            attack,
+            query_ids=attack.query_ids[::-1],
+            labels=attack.labels[::-1],
+            scores=attack.scores[::-1],
+            membership_scores=attack.membership_scores[::-1],
+            predictions=attack.predictions[::-1],
+            captions=attack.captions[::-1],
+        )
+        put(folder, dataclasses.replace(record, attack=reverse))
+    rows = _headline_rows(build(folder, plots=False).headlines)
+    step = rows["lora.r8"].versus_above
+    assert step.value == 0 and step.method == stats.PAIRED and rows["lora.r8"].rank == 1
+
+
+def test_the_reference_board_builds_and_says_its_intervals_are_query_level(tmp_path: Path):
+    out = tmp_path / "LEADERBOARD.md"
+    assert main(["build", "--results-dir", str(SINGLE_SEED_RESULTS), "--output", str(out), "--no-plots"]) == 0
+    md = out.read_text()
+    assert md.index("## Headline") < md.index("## Per scenario")
+    assert f"Method here: {stats.QUERY_LEVEL}." in md and "Every defense here has one seed" in md
+    headline = md.split("## Headline")[1].split("## Per scenario")[0]
+    tables = headline.split("**scenes**")[1:]
+    assert len(tables) == 2  # one per feature network
+    for block in tables:
+        rows = [
+            [c.strip() for c in line.strip("|").split(" | ")]
+            for line in block.splitlines()
+            if line.startswith("| ") and not line.startswith("| rank")
+        ]
+        ranks = [int(cells[0]) for cells in rows]
+        assert ranks and ranks[0] == 1 and ranks == sorted(ranks)
+        assert {cells[6] for cells in rows} == {"1"}  # seeds
+
+
+def test_the_headline_as_a_dataframe(tmp_path: Path):
+    from leaderboard import load_headline
+
+    folder = tmp_path / "results"
+    _three_seeds(folder, "lora", "r4", (0.70, 0.72, 0.74), fids=(10.0, 11.0, 12.0))
+    _three_seeds(folder, "none", None, (0.97, 0.98, 0.99))
+    frame = load_headline(folder)
+    assert list(frame["defense"]) == ["lora.r4", "none"] and list(frame["rank"]) == [1, 2]
+    first = frame.iloc[0]
+    assert first["auc.n_seeds"] == 3 and first["auc.ci_low"] < first["auc"] < first["auc.ci_high"]
+    assert first["utility.fid"] == 11.0 and first["auc.method"] == stats.HIERARCHICAL
+    assert frame.iloc[1]["versus_above.p_value"] < 0.05 and frame.iloc[1]["versus_above.method"] == stats.PAIRED

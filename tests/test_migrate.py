@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from benchmark.app.cli import main
+from benchmark.app.config import INTRODUCED_SETTINGS
 from benchmark.app.migrate import migrate, upgrade
 from benchmark.pipeline.records import (
     SCHEMA_VERSION,
@@ -133,8 +134,10 @@ def test_v1_to_v2_keeps_every_figure() -> None:
     assert record.splits == v1["splits"] and record.seeds == v1["seeds"]
     assert record.notes == v1["notes"] and record.timings_s == v1["timings_s"]
     assert record.config["profile"] == v1["config"]["preset"] and "preset" not in record.config
+    # Settings added after v1 are written with the value that gives v1's behaviour.
     assert {k: v for k, v in record.config.items() if k != "profile"} == {
-        k: v for k, v in v1["config"].items() if k != "preset"
+        **{k: v for k, v in v1["config"].items() if k != "preset"},
+        **INTRODUCED_SETTINGS,
     }
     for name, entry in v1["components"].items():
         component = record.components[name]

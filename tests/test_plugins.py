@@ -107,7 +107,7 @@ def test_component_origin_for_builtins_presets_and_compositions() -> None:
     from benchmark import __version__
 
     builtin = f"diffusion-mia-bench=={__version__}"
-    for name in ("none", "dpsgd", "dpsgd.eps8", "dpsgd+lora", "augment.all+early_stop.p3"):
+    for name in ("none", "dpsgd", "dpsgd.eps8", "dpsgd+lora", "augment.all+early_stop.best"):
         assert component_origin(DEFENSES, name) == builtin
     registry: Registry[object] = Registry("thing")
     registry.add("a", 1)

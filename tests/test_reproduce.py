@@ -105,3 +105,51 @@ def test_a_record_from_a_missing_plugin_names_what_to_install(micro_run, tmp_pat
 def test_negative_tolerance_is_rejected(micro_run, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["reproduce", str(micro_run.outcome.path), "--auc-tolerance", "-1"]) == 2
     assert "tolerance auc must be >= 0" in capsys.readouterr().err
+
+
+def test_tolerances_come_from_the_pooled_seed_spread() -> None:
+    """Two cells of three seeds: the AUC tolerance is 2.77 x the pooled sd; FID's is relative, from the logs."""
+    import math
+
+    import numpy as np
+
+    from benchmark.app.reproduce import SPREAD_MULTIPLIER
+
+    cells = {"none": [(0.90, 10.0), (0.94, 12.0), (0.98, 11.0)], "dpsgd": [(0.50, 30.0), (0.56, 33.0), (0.53, 27.0)]}
+    records = [
+        make_record(defense=name, seed=seed, auc=auc, fid=fid, config={"defense": name, "seed": seed})
+        for name, draws in cells.items()
+        for seed, (auc, fid) in enumerate(draws)
+    ]
+    tolerance = Tolerance.from_seed_spread(records)
+    aucs = [np.array([r.privacy.auc for r in records if r.config["defense"] == n]) for n in cells]
+    pooled = math.sqrt(sum(((a - a.mean()) ** 2).sum() for a in aucs) / 4)
+    assert tolerance.auc == pytest.approx(SPREAD_MULTIPLIER * pooled)
+    logs = [np.log([fid for _, fid in draws]) for draws in cells.values()]
+    pooled_log = math.sqrt(sum(((x - x.mean()) ** 2).sum() for x in logs) / 4)
+    assert tolerance.fid_relative == pytest.approx(math.expm1(SPREAD_MULTIPLIER * pooled_log))
+    assert tolerance.basis["attack_auc"] == {"sd": pytest.approx(pooled), "cells": 2, "records": 6}
+    # Epsilon is not a seed-driven figure: it keeps the fixed tolerance.
+    assert tolerance.epsilon_relative == Tolerance().epsilon_relative
+
+
+def test_without_repeated_seeds_the_fixed_tolerances_stay() -> None:
+    records = [make_record(defense=n, config={"defense": n, "seed": 0}) for n in ("none", "dpsgd")]
+    tolerance = Tolerance.from_seed_spread(records)
+    assert tolerance == Tolerance() and tolerance.basis == {}
+
+
+def test_reproduce_names_what_differs_in_the_machine() -> None:
+    import dataclasses
+
+    from benchmark.app.reproduce import environment_differences
+
+    stored = make_record()
+    here = dataclasses.replace(
+        stored,
+        provenance=dataclasses.replace(stored.provenance, threads=2, processor="Xeon", libraries={"torch": "2.13.0"}),
+    )
+    notes = environment_differences(stored, here)
+    assert "threads: not recorded -> 2" in notes and "processor: not recorded -> Xeon" in notes
+    assert "torch: not recorded -> 2.13.0" in notes
+    assert environment_differences(here, here) == []

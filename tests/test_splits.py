@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
+from rich.console import Console
 
 from attacks.scenarios import Scenario
+from benchmark.app import stages
+from benchmark.app.config import profile
 from benchmark.kernel.errors import ConfigError
+from benchmark.kernel.progress import StageTimer
+from benchmark.pipeline.data.scenes import DEFAULT_SIZE, EXTENDED_SIZE, ScenesDataset
 from benchmark.pipeline.data.splits import Splits, SplitSizes, make_splits, shadow_split
 
 SIZES = SplitSizes(public=40, members=20, nonmembers=20, auxiliary=30, utility=10)
@@ -179,3 +185,49 @@ def test_owner_pool_confines_the_owner_sets_but_not_the_public_split() -> None:
 def test_owner_pool_too_small_says_what_to_lower() -> None:
     with pytest.raises(ConfigError, match="owner's domain, which has"):
         make_splits(POOL, SIZES, public_seed=0, seed=0, owner_pool=range(0, POOL, 5))
+
+
+def _digest(indices: tuple[int, ...]) -> str:
+    return hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()[:16]
+
+
+def test_default_scenes_split_is_pinned() -> None:
+    """The default pool's split for seed 0, as committed records and cached base models know it."""
+    ds = ScenesDataset(resolution=8, size=DEFAULT_SIZE)
+    sizes = SplitSizes(public=2000, members=32, nonmembers=128, auxiliary=96, utility=200)
+    splits = make_splits(DEFAULT_SIZE, sizes, public_seed=0, seed=0, owner_pool=ds.owner_pool)
+    assert splits.members[:5] == (3523, 3367, 555, 835, 3053)
+    assert {name: _digest(part) for name, part in splits.as_dict().items()} == {
+        "public": "dcc1271c931872fa",
+        "members": "be50a1e3abaf4303",
+        "nonmembers": "712aba3a4b7ed0ef",
+        "auxiliary": "f9a1f3fd27b2da18",
+        "utility": "86c479e346e021e2",
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_profile_splits_fit_and_are_disjoint(seed: int) -> None:
+    """The full profile's 1,900 owner images fit in the extended pool beside its public split."""
+    config = profile("full").replace(seed=seed).validate()
+    assert config.dataset_size == EXTENDED_SIZE
+    with StageTimer(Console(quiet=True), show=False) as timer:
+        data = stages.load_data(config, tuple(Scenario), public_size=config.public_split_size, timer=timer)
+    assert len(data.dataset) == EXTENDED_SIZE
+    parts = data.splits.as_dict()
+    assert {name: len(part) for name, part in parts.items()} == {
+        "public": 2000,
+        "members": 100,
+        "nonmembers": 1000,
+        "auxiliary": 600,
+        "utility": 200,
+    }
+    for (a, xs), (b, ys) in itertools.combinations(parts.items(), 2):
+        assert not set(xs) & set(ys), f"{a} and {b} overlap"
+    owner = set(data.dataset.owner_pool)
+    assert set().union(*(set(parts[n]) for n in ("members", "nonmembers", "auxiliary", "utility"))) <= owner
+    # The public split depends on the public seed alone: 2,255 owner images are left for 1,900.
+    assert len(owner - set(parts["public"])) == 2255
+    for scenario, shadow in data.shadows.items():
+        assert len(shadow.members) == 100 and len(shadow.nonmembers) == 500, scenario
+        assert not (set(shadow.members) | set(shadow.nonmembers)) & set(parts["nonmembers"])

@@ -267,7 +267,14 @@ def test_micro_record_has_utility(micro_run) -> None:  # type: ignore[no-untyped
     assert directions["utility.fid"] is False and directions["utility.kid_mean"] is False
     assert directions["utility.clip_score"] is True
     utility = record.utility
-    assert utility.n_generated == micro_run.config.utility == utility.n_real
+    assert utility.n_real == micro_run.config.utility
+    assert utility.n_generated == micro_run.config.utility * micro_run.config.utility_generations
+    # Every figure has its interval, and the difference to the base model its paired test.
+    intervals, paired = utility.details["intervals"], utility.details["vs_base_model"]
+    for name in ("fid", "kid_mean", "clip_score"):
+        low, high = intervals[name]
+        assert low <= high
+        assert paired[name]["low"] <= paired[name]["high"] and 0 < paired[name]["p_value"] <= 1
     assert utility.feature_network.weights_sha256 == utility.clip_model.weights_sha256
     assert "utility" in record.timings_s
     assert isinstance(ClipBundle, type)
@@ -301,3 +308,48 @@ def test_micro_record_has_the_base_model_as_utility_control(micro_run) -> None: 
     assert figures["utility.base_model.clip_score"].higher_is_better is True
     # Another model (the base, before fine-tuning) under the same protocol gives other figures.
     assert base.fid != record.utility.target.fid
+
+
+def test_several_generations_intervals_and_the_paired_difference(tiny_clip_dir: Path) -> None:
+    """Three generations per caption; a model against itself differs by 0, against a shifted one clearly."""
+    from benchmark.pipeline.utility_metrics import paired_differences
+
+    bundle = load_clip_folder(tiny_clip_dir)
+    real, captions = _scene_batch(20)
+    fake = torch.cat([real.roll(1, 0), real.roll(2, 0), real.flip(-1)])
+    settings = UtilitySettings(kid_subset_size=10, kid_subsets=5, bootstrap=200)
+    result = measure(bundle=bundle, real=real, fake=fake, captions=captions, settings=settings)
+    assert result.details["n_generated"] == 60 and result.details["generations_per_caption"] == 3
+    # The per-image CLIP scores average to torchmetrics' CLIPScore over the same images.
+    assert result.clip_score == pytest.approx(clip_score(bundle, fake, captions * 3), abs=1e-3)
+    for name in ("fid", "kid_mean", "clip_score"):
+        low, high = result.details["intervals"][name]
+        # The tiny test CLIP scores below 0, where CLIPScore clips: that interval is [0, 0].
+        assert low < high or name == "clip_score"
+
+    same = paired_differences(result.samples, result.samples, resamples=200, seed=0)
+    assert all(same[k]["difference"] == 0 and same[k]["low"] == same[k]["high"] == 0 for k in same)
+    assert all(same[k]["p_value"] == 1 for k in same)
+
+    darker = measure(bundle=bundle, real=real, fake=fake * 0.3, captions=captions, settings=settings)
+    worse = paired_differences(darker.samples, result.samples, resamples=200, seed=0)
+    assert worse["fid"]["low"] > 0 and worse["fid"]["p_value"] < 0.05
+    with pytest.raises(ValueError, match="same real images"):
+        other = measure(bundle=bundle, real=real.flip(0), fake=fake, captions=captions, settings=settings)
+        paired_differences(other.samples, result.samples, resamples=10, seed=0)
+
+
+def test_generation_seeds_start_at_the_run_seed_and_differ() -> None:
+    from benchmark.pipeline.utility_metrics import generation_seeds
+
+    seeds = generation_seeds(UtilitySettings(seed=4, generations=3))
+    assert seeds[0] == 4 and len(set(seeds)) == 3
+
+
+def test_records_from_before_several_generations_reproduce_with_one() -> None:
+    from benchmark.app.config import RunConfig, upgrade_config_dict
+
+    old = RunConfig().to_dict()
+    del old["utility_generations"]
+    assert upgrade_config_dict(old)["utility_generations"] == 1
+    assert RunConfig().utility_generations == 3

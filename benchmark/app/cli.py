@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import sys
@@ -22,6 +23,8 @@ from attacks.distances import DISTANCES
 from attacks.encoders import ENCODERS
 from attacks.families import ATTACK_FAMILIES, AttackFamily, AttackFamilyError
 from attacks.scenarios import QueryAccess, Scenario
+from benchmark.app.compact import compact
+from benchmark.app.compare import ALPHA, RESAMPLES, compare, render, write_json
 from benchmark.app.config import PROFILES, RunConfig, profile
 from benchmark.app.flags import add_config_flags, apply, given
 from benchmark.app.migrate import migrate
@@ -35,9 +38,9 @@ from benchmark.kernel.plugins import component_origin
 from benchmark.pipeline.data import DATASETS
 from benchmark.pipeline.finetune import TrainConfig
 from benchmark.pipeline.models.registry import MODELS
-from benchmark.pipeline.records import SCHEMA_VERSION
+from benchmark.pipeline.records import SCHEMA_VERSION, RecordError, read_record, record_files
 from benchmark.pipeline.target import SamplingConfig
-from defenses import DEFENSES, presets
+from defenses import DEFENSES, presets, suite_defenses
 
 RUN_EXAMPLES = """examples:
   python -m benchmark run --defense none
@@ -154,7 +157,7 @@ def suite_spec_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-d
     config = config_from_args(args)
     names = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if names == ["all"]:
-        names = ["none", *presets()]
+        names = suite_defenses()
     if not names:
         raise ConfigError("--defenses is empty; give 'all' or a comma list such as none,dpsgd.eps8")
     scenarios, attack_models = cells_from_args(
@@ -239,6 +242,7 @@ REPRODUCE_EXAMPLES = """examples:
   python -m benchmark reproduce results/scenes/III/mydefense.v1/20261126T120000Z-mydefense.v1-s0-abc123.json
   python -m benchmark reproduce RECORD --cache-dir /tmp/empty-cache     # nothing reused from earlier runs
   python -m benchmark reproduce RECORD --auc-tolerance 0.05
+  python -m benchmark reproduce RECORD --tolerances-from leaderboard/reference/results   # from its seed spread
 exit code: 0 every figure within tolerance, 1 some figure outside it, 2 the record cannot be run here
 """
 
@@ -255,30 +259,38 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("records", nargs="+", type=Path, help="result record files (JSON)")
     p.add_argument("--cache-dir", type=Path, help="model cache (an empty folder gives an independent check)")
     p.add_argument("--results-dir", type=Path, help="keep the recomputed records here (default: discarded)")
-    p.add_argument("--auc-tolerance", type=float, default=t.auc, help=f"absolute (default {t.auc})")
     p.add_argument(
-        "--balanced-accuracy-tolerance", type=float, default=t.balanced_accuracy, help="absolute (default %(default)s)"
+        "--tolerances-from",
+        type=Path,
+        help="a records folder with repeated seeds: each tolerance is 2.77 x the pooled seed-to-seed standard "
+        "deviation of its figure there (the 95%% range of two draws); flags below still override",
     )
-    p.add_argument("--fid-tolerance", type=float, default=t.fid_relative, help="relative (default %(default)s)")
-    p.add_argument("--clip-tolerance", type=float, default=t.clip_score_relative, help="relative (default %(default)s)")
-    p.add_argument("--epsilon-tolerance", type=float, default=t.epsilon_relative, help="relative (default %(default)s)")
+    p.add_argument("--auc-tolerance", type=float, help=f"absolute (default {t.auc})")
+    p.add_argument("--balanced-accuracy-tolerance", type=float, help=f"absolute (default {t.balanced_accuracy})")
+    p.add_argument("--fid-tolerance", type=float, help=f"relative (default {t.fid_relative})")
+    p.add_argument("--clip-tolerance", type=float, help=f"relative (default {t.clip_score_relative})")
+    p.add_argument("--epsilon-tolerance", type=float, help=f"relative (default {t.epsilon_relative})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads_argument(p)
 
 
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
 
-    values = {
+    given = {
         "auc": args.auc_tolerance,
         "balanced_accuracy": args.balanced_accuracy_tolerance,
         "fid_relative": args.fid_tolerance,
         "clip_score_relative": args.clip_tolerance,
         "epsilon_relative": args.epsilon_tolerance,
     }
+    values = {k: v for k, v in given.items() if v is not None}
     for name, value in values.items():
         if not value >= 0:
             raise ConfigError(f"tolerance {name} must be >= 0, got {value}")
-    tolerance = Tolerance(**values)
+    tolerance = Tolerance()
+    if args.tolerances_from is not None:
+        tolerance = _measured_tolerance(args.tolerances_from, console)
+    tolerance = dataclasses.replace(tolerance, **values)
     failed = 0
     for path in args.records:
         result = reproduce(
@@ -308,8 +320,85 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
             "members and non-members", "", "", "", "identical", "ok" if result.same_data else "[red]differ[/]"
         )
         console.print(table)
+        if result.environment:
+            console.print(
+                "this machine differs from the record's (figures may move with it): " + "; ".join(result.environment)
+            )
         failed += not result.ok
     return 1 if failed else 0
+
+
+COMPARE_EXAMPLES = """examples:
+  python -m benchmark compare new-results/ baseline-results/        # folder against folder, cell by cell
+  python -m benchmark compare new-results/ baseline/ --json compare.json --privacy-only
+  python -m benchmark compare new.json old.json --ignore defense_args   # a new recipe against the old one
+exit code: 0 no significant regression, 1 a significant privacy (or utility) regression, 2 bad input
+"""
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "compare",
+        help="compare two sets of records cell by cell; exit 1 on a significant privacy or utility regression",
+        description="Records are matched by cell (the whole configuration but the seed); within a cell, attack "
+        "AUC and TPR@1%FPR are compared with a hierarchical bootstrap over seeds and queries (paired where seeds "
+        "and queries agree), FID and CLIP score with a t-test over seeds.",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("new", type=Path, help="the new records: a record file or a folder of them")
+    p.add_argument("old", type=Path, help="the baseline records: a record file or a folder of them")
+    p.add_argument("--alpha", type=float, default=ALPHA, help=f"test level (default {ALPHA}); intervals are 95%%")
+    p.add_argument(
+        "--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples, seeded (default {RESAMPLES})"
+    )
+    p.add_argument("--privacy-only", action="store_true", help="utility regressions are shown but do not fail")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="SETTING",
+        help="leave a setting out of the cell match (repeatable; nested ones dotted, e.g. finetune.epochs)",
+    )
+    p.add_argument("--json", type=Path, help="also write the comparison as JSON here (for CI)")
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; pass a file path, e.g. {args.json / 'compare.json'}")
+    report = compare(
+        args.new,
+        args.old,
+        alpha=args.alpha,
+        resamples=args.resamples,
+        privacy_only=args.privacy_only,
+        ignore=tuple(args.ignore),
+    )
+    render(report, console)
+    if args.json is not None:
+        write_json(report, args.json)
+    return 1 if report.failed else 0
+
+
+def _measured_tolerance(folder: Path, console: Console) -> Tolerance:
+    """Tolerances from the seed spread of the records under `folder` (unreadable files are left out)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--tolerances-from {folder} is not a folder; pass a results folder with several seeds")
+    records = []
+    for path in record_files(folder):
+        try:
+            records.append(read_record(path))
+        except RecordError:
+            continue
+    tolerance = Tolerance.from_seed_spread(records)
+    if not tolerance.basis:
+        console.print(f"{folder}: no cell with two or more seeds; using the fixed default tolerances")
+    for metric, basis in tolerance.basis.items():
+        console.print(
+            f"{metric}: seed-to-seed sd {basis['sd']:.4f}{' (of the log)' if metric in ('fid', 'clip_score') else ''}"
+            f" pooled over {basis['cells']:.0f} cells, {basis['records']:.0f} records"
+        )
+    return tolerance
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -539,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_suite_parser(sub)
     _add_reproduce_parser(sub)
+    _add_compare_parser(sub)
     sub.add_parser(
         "list",
         help="list datasets, models, defenses (with their claims) and their presets, attack families (access, "
@@ -548,6 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help=f"upgrade result records in place to schema version {SCHEMA_VERSION}",
         epilog="example:\n  python -m benchmark migrate leaderboard/reference/results",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="folder of result records (searched recursively)")
+    p = sub.add_parser(
+        "compact",
+        help="rewrite every *.json result record in place as a compacted *.json.xz (a quarter of the size; "
+        "every reader reads both)",
+        epilog="example:\n  python -m benchmark compact leaderboard/reference/results\n"
+        "  xz -dk RECORD.json.xz     # the plain record back, byte for byte",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("folder", type=Path, help="folder of result records (searched recursively)")
@@ -562,9 +661,21 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace, console: Console) -> int:
+    report = compact(args.folder)
+    before, after = report.bytes_before, report.bytes_after
+    share = f" ({after / before:.0%})" if before else ""
+    console.print(
+        f"{len(report.compacted)} record(s) compacted, {len(report.already_compact)} already compact; "
+        f"{before:,} bytes before, {after:,} after{share}",
+        soft_wrap=True,
+    )
+    return 0
+
+
 EXIT_CODES = """exit codes: 0 done; 1 a failure (suite: some cell failed; reproduce: a figure outside its tolerance;
-  any command: an unexpected error, shown in one line, --debug for the traceback); 2 bad input (flags, files,
-  folders: the message names the problem and the fix); 130 interrupted
+  compare: a significant regression; any command: an unexpected error, shown in one line, --debug for the
+  traceback); 2 bad input (flags, files, folders: the message names the problem and the fix); 130 interrupted
 """
 
 
@@ -600,8 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "suite": cmd_suite,
         "reproduce": cmd_reproduce,
+        "compare": cmd_compare,
         "list": cmd_list,
         "migrate": cmd_migrate,
+        "compact": cmd_compact,
     }
     try:
         with watch_interrupts():

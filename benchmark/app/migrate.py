@@ -9,12 +9,11 @@ agree before dropping the copy); every component becomes `name`, `version`,
 networks, the target's figures and the base model's; `config.preset` becomes
 `config.profile`. Records already current are left alone, so a second run
 changes nothing. A record of an unknown version stops the migration before any
-file is written.
+file is written. A compacted record (`*.json.xz`) is upgraded in its compacted form.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,10 @@ from benchmark.pipeline.records import (
     RecordError,
     ResultRecord,
     UtilityRecord,
-    encode,
+    file_bytes,
+    parse_json,
+    read_record_bytes,
+    record_files,
     write_atomically,
 )
 
@@ -138,20 +140,20 @@ def migrate(folder: Path) -> MigrationReport:
     if not folder.is_dir():
         raise RecordError(f"{folder} is not a folder of result records")
     report = MigrationReport()
-    pending: list[tuple[Path, str]] = []
-    for path in sorted(p for p in folder.rglob("*.json") if p.is_file() and not p.name.startswith(".")):
+    pending: list[tuple[Path, bytes]] = []
+    for path in (p for p in record_files(folder) if p.is_file()):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RecordError(f"{path}: cannot read as JSON ({exc}); nothing was written") from None
+            data = parse_json(read_record_bytes(path), source=str(path))
+        except RecordError as exc:
+            raise RecordError(f"{exc}; nothing was written") from None
         if not isinstance(data, dict):
             raise RecordError(f"{path}: not a result record; nothing was written")
         upgraded = upgrade(data, source=str(path))
         if upgraded is None:
             report.current.append(path)
         else:
-            pending.append((path, encode(upgraded)))
-    for path, text in pending:
-        write_atomically(path, text.encode(), overwrite=True)
+            pending.append((path, file_bytes(upgraded, path)))
+    for path, content in pending:
+        write_atomically(path, content, overwrite=True)
         report.upgraded.append(path)
     return report

@@ -9,31 +9,82 @@ non-member ids must match exactly: a record on other data is not a reproduction.
 
 from __future__ import annotations
 
+import math
 import tempfile
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from benchmark.app.config import RunConfig
 from benchmark.app.runner import run
+from benchmark.app.suite import cell_key
 from benchmark.kernel.errors import BenchmarkError
 from benchmark.pipeline.records import ResultRecord, read_record
+
+# Two draws with the seed-to-seed spread sigma differ by less than 1.96 x sqrt(2) x sigma, 95% of the time.
+SPREAD_MULTIPLIER = 1.96 * math.sqrt(2)
 
 
 @dataclass(frozen=True)
 class Tolerance:
     """How far a recomputed figure may sit from the stored one.
 
-    AUC and balanced accuracy are absolute (with 64 non-members their 95% bootstrap
-    intervals are about +-0.12 wide); FID, CLIP score and epsilon are relative.
+    AUC and balanced accuracy are absolute; FID, CLIP score and epsilon are relative.
+    The defaults are fixed guesses for a folder without repeated seeds; `from_seed_spread`
+    sets them from the spread measured between seeds of the same cell.
     """
 
     auc: float = 0.10
     balanced_accuracy: float = 0.10
     fid_relative: float = 0.25
     clip_score_relative: float = 0.15
+    # The accountant is deterministic: only the noise multiplier's search tolerance moves it.
     epsilon_relative: float = 0.01
+    # Where the figures came from: metric -> {"sd", "cells", "records"} of the measured spread.
+    basis: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_seed_spread(cls, records: Iterable[ResultRecord], *, fallback: Tolerance | None = None) -> Tolerance:
+        """Tolerances of SPREAD_MULTIPLIER x the pooled seed-to-seed standard deviation.
+
+        Records of the same cell (the whole configuration but the seed) with two or more
+        seeds give the spread; it is pooled over cells (absolute for AUC and balanced
+        accuracy, of the logarithm for FID and CLIP score, so relative). A figure with no
+        repeated cell keeps `fallback`'s value.
+        """
+        fallback = fallback or cls()
+        groups: dict[str, list[dict[str, float | None]]] = defaultdict(list)
+        for record in records:
+            groups[cell_key({**record.config, "seed": None})].append(figures(record))
+        spreads = {
+            "auc": ("attack_auc", False),
+            "balanced_accuracy": ("attack_balanced_accuracy", False),
+            "fid_relative": ("fid", True),
+            "clip_score_relative": ("clip_score", True),
+        }
+        values: dict[str, float] = {}
+        basis: dict[str, dict[str, float]] = {}
+        for name, (metric, relative) in spreads.items():
+            squares, dof, cells, count = 0.0, 0, 0, 0
+            for group in groups.values():
+                xs = np.array([f[metric] for f in group if f[metric] is not None and f[metric] > 0], dtype=float)
+                if len(xs) < 2:
+                    continue
+                xs = np.log(xs) if relative else xs
+                squares += float(np.sum((xs - xs.mean()) ** 2))
+                dof += len(xs) - 1
+                cells += 1
+                count += len(xs)
+            if not dof:
+                continue
+            sd = math.sqrt(squares / dof)
+            values[name] = math.expm1(SPREAD_MULTIPLIER * sd) if relative else SPREAD_MULTIPLIER * sd
+            basis[metric] = {"sd": sd, "cells": cells, "records": count}
+        return replace(fallback, **values, basis=basis)
 
     def allowed(self, metric: str, stored: float) -> float:
         absolute = {"attack_auc": self.auc, "attack_balanced_accuracy": self.balanced_accuracy}
@@ -63,6 +114,8 @@ class Reproduction:
     comparisons: list[Comparison]
     same_data: bool
     recomputed_path: Path
+    # What differs between the machine that wrote the record and this one (results may move with it).
+    environment: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -137,6 +190,7 @@ def reproduce(
         outcome = run(config, console=console, show_progress=show_progress)
         fresh = outcome.record
     same_data = all(stored.splits.get(k) == fresh.splits.get(k) for k in ("members", "nonmembers"))
+    environment = environment_differences(stored, fresh)
     before, after = figures(stored), figures(fresh)
     comparisons = [
         Comparison(
@@ -147,4 +201,27 @@ def reproduce(
         )
         for name in COMPARED
     ]
-    return Reproduction(path=Path(path), comparisons=comparisons, same_data=same_data, recomputed_path=outcome.path)
+    return Reproduction(
+        path=Path(path),
+        comparisons=comparisons,
+        same_data=same_data,
+        recomputed_path=outcome.path,
+        environment=environment,
+    )
+
+
+# What moves a figure between machines without changing the configuration (docs/reproducing.md).
+ENVIRONMENT = ("threads", "interop_threads", "processor", "deterministic_algorithms")
+
+
+def environment_differences(stored: ResultRecord, fresh: ResultRecord) -> list[str]:
+    """`name: stored -> here` for each recorded setting of the machine that differs (unknown ones are named)."""
+    out = []
+    for name in ENVIRONMENT:
+        before, after = getattr(stored.provenance, name), getattr(fresh.provenance, name)
+        if before != after:
+            out.append(f"{name}: {'not recorded' if before is None else before} -> {after}")
+    for library, version in fresh.provenance.libraries.items():
+        if stored.provenance.libraries.get(library) != version:
+            out.append(f"{library}: {stored.provenance.libraries.get(library, 'not recorded')} -> {version}")
+    return out

@@ -31,7 +31,7 @@ from attacks.families import DEFAULT_FAMILY, Access, AttackFamily
 from attacks.scenarios import CaptionSource, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.app.config import RunConfig
-from benchmark.kernel.cache import cache_key, cached, cached_arrays, cached_json
+from benchmark.kernel.cache import cache_key, cached, cached_arrays
 from benchmark.kernel.progress import StageTimer
 from benchmark.pipeline.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
 from benchmark.pipeline.data.splits import ShadowSplit, Splits, SplitSizes, make_splits, shadow_split
@@ -39,7 +39,7 @@ from benchmark.pipeline.finetune import TrainConfig, TrainReport
 from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, gray_box, load_model
 from benchmark.pipeline.models.registry import MODELS, BaseModel, BaseModelRequest
 from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget
-from benchmark.pipeline.utility_metrics import UtilityResult, measure_utility
+from benchmark.pipeline.utility_metrics import UtilityResult, UtilitySamples, measure_utility
 from defenses import Defense, resolve
 
 # Offsets the shadow's training seed from the target's: the same members never get the same noise.
@@ -303,7 +303,9 @@ def utility(ctx: RunContext, model: DiffusionModel) -> UtilityResult:
                 "ids": [data.dataset.ids[i] for i in data.splits.utility],
             }
             result = result.with_base_model(
-                _base_model_utility(ctx, result, eval_set, lambda: measure(_base(ctx).load(), None))
+                _base_model_utility(ctx, result, eval_set, lambda: measure(_base(ctx).load(), None)),
+                resamples=config.utility_settings.bootstrap,
+                seed=config.seed,
             )
     return result
 
@@ -538,15 +540,21 @@ def _base_model_utility(
         return compute()
     # The target's figures came from the same eval set, networks (by weights hash) and settings:
     # its details name them.
-    protocol = {k: v for k, v in target.details.items() if k not in ("fid", "kid_mean", "kid_std", "clip_score")}
+    figures = ("fid", "kid_mean", "kid_std", "clip_score", "intervals")
+    protocol = {k: v for k, v in target.details.items() if k not in figures}
     protocol["clip_model"] = {
         k: v for k, v in protocol.get("clip_model", {}).items() if k not in ("from_cache", "cache_key")
     }
     inputs = {"model": model, "protocol": protocol, "eval_set": cache_key(eval_set)}
-    stored = cached_json(
-        ctx.config.cache_path, "base-utility", inputs, lambda: dataclasses.asdict(compute()), filename="utility.json"
-    )
-    return UtilityResult(**stored)
+
+    def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        result = compute()
+        figures = {k: v for k, v in dataclasses.asdict(result).items() if k != "samples"}
+        samples = {} if result.samples is None else dataclasses.asdict(result.samples)
+        return samples, figures
+
+    arrays, figures = cached_arrays(ctx.config.cache_path, "base-utility", inputs, build, meta_name="utility.json")
+    return UtilityResult(**figures, samples=UtilitySamples(**arrays) if arrays else None)
 
 
 # --- helpers ------------------------------------------------------------------------------------

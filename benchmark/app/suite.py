@@ -29,7 +29,7 @@ from benchmark.app import runner
 from benchmark.app.config import RunConfig, upgrade_config_dict
 from benchmark.kernel.cache import cache_key, check_cache_dir
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.records import RecordError, check_writable, read_record
+from benchmark.pipeline.records import RecordError, check_writable, read_record, record_files
 
 LOCK_DIR = ".locks"
 # Where a record's configuration may differ from the cell's without making it another cell.
@@ -111,9 +111,8 @@ def finished_cells(results_dir: Path) -> set[str]:
     done: set[str] = set()
     if not Path(results_dir).is_dir():
         return done
-    for path in sorted(Path(results_dir).rglob("*.json")):
-        if path.name.startswith("."):
-            continue
+    # Plain and compacted records alike: a compacted reference folder still marks its cells done.
+    for path in record_files(Path(results_dir)):
         try:
             stat = path.stat()
         except OSError:

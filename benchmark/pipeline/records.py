@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import lzma
 import math
 import os
 import platform
@@ -38,6 +39,16 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 MAX_NESTING = 64
 # Stored figures must equal those recomputed from the stored per-query evidence to within this.
 CONSISTENCY_TOLERANCE = 1e-9
+# A compacted record (`python -m benchmark compact`): the record's exact bytes as one xz stream,
+# readable by `xz -d`. xz, not gzip: 16 KB for a 160-query record against gzip's 22 KB, which
+# decides whether 1,200 reference records fit in 25 MB; decoding one takes about 1 ms.
+COMPACT_SUFFIX = ".json.xz"
+RECORD_SUFFIXES = (".json", COMPACT_SUFFIX)
+# Preset 9 packs a record no smaller (they are far under the 8 MiB dictionary of preset 6).
+XZ_PRESET = 6
+# Decoder memory follows the dictionary size in the stream's header, which a hostile file sets
+# (up to 4 GiB); `xz -9` needs 65 MiB, our preset 9 MiB.
+XZ_MEMORY_LIMIT = 80 * 1024 * 1024
 
 
 class RecordError(BenchmarkError):
@@ -217,6 +228,16 @@ class UtilityRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     COUNTS: ClassVar[tuple[str, ...]] = ("n_real", "n_generated", "kid_subset_size", "kid_subsets", "seed")
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """95% bootstrap interval over captions of fid, kid_mean and clip_score (empty for older records)."""
+        return {k: (float(v[0]), float(v[1])) for k, v in (self.details.get("intervals") or {}).items()}
+
+    @property
+    def vs_base_model(self) -> dict[str, dict[str, float]]:
+        """target - base model per figure: difference, low, high, p_value (paired bootstrap; empty if none)."""
+        return {k: {f: float(x) for f, x in v.items()} for k, v in (self.details.get("vs_base_model") or {}).items()}
 
     @classmethod
     def from_measurement(cls, data: dict[str, Any]) -> UtilityRecord:
@@ -694,8 +715,9 @@ def record_path(results_dir: Path, record: ResultRecord) -> Path:
 
     The name tells the records of one run apart (one per attack, attack model and
     access: `black-box`, `black-box-img2img`, `gray-box`) without opening them.
-    Readers never rely on it: the leaderboard and the suite read every `*.json` by
-    content, so files named `<run-id>.json` by earlier versions are read the same way.
+    Readers never rely on it: the leaderboard and the suite read every record file
+    (`record_files`) by content, so files named `<run-id>.json` by earlier versions are
+    read the same way.
     """
     attack = record.attack
     access = attack.access or attack.query_access
@@ -810,7 +832,7 @@ def read_file(path: Path, *, source: str | None = None, limit: int = MAX_RECORD_
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            raise RecordError(f"{source}: not a regular file; only regular *.json files are read")
+            raise RecordError(f"{source}: not a regular file; only regular record files are read")
         if info.st_size > limit:
             raise RecordError(f"{source}: {info.st_size} bytes, over the {limit}-byte limit for a record")
         # Non-blocking: if the name was swapped for a FIFO since the stat, opening it must not wait.
@@ -821,7 +843,7 @@ def read_file(path: Path, *, source: str | None = None, limit: int = MAX_RECORD_
         raise RecordError(f"{source}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecordError(f"{source}: not a regular file; only regular *.json files are read")
+            raise RecordError(f"{source}: not a regular file; only regular record files are read")
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, limit + 1 - size)
@@ -859,8 +881,90 @@ def parse_json(raw: bytes, *, source: str) -> object:
         raise RecordError(f"{source}: not valid JSON ({exc}); {corrupt}") from None
 
 
+def is_compact(path: Path) -> bool:
+    """Whether `path` names a compacted record (`*.json.xz`)."""
+    return Path(path).name.endswith(COMPACT_SUFFIX)
+
+
+def record_files(folder: Path) -> list[Path]:
+    """Every record file under `folder`, plain (`*.json`) or compacted (`*.json.xz`), by relative path.
+
+    Hidden names (the temporary files of writes in progress) and folders are left
+    out; anything else so named (a FIFO, a link to a device) is listed, for the
+    reader to refuse with its reason. Where an interrupted `compact` left both
+    `X.json` and `X.json.xz`, only `X.json` is listed, so no record is read twice.
+    """
+    folder = Path(folder)
+    found = {
+        p
+        for suffix in RECORD_SUFFIXES
+        for p in folder.rglob(f"*{suffix}")
+        if not p.name.startswith(".") and not p.is_dir()
+    }
+    once = (p for p in found if not (is_compact(p) and plain_name(p) in found))
+    return sorted(once, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def plain_name(path: Path) -> Path:
+    """`X.json` for a compacted `X.json.xz` (and `path` itself for a plain record)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".xz")) if is_compact(path) else path
+
+
+def compact_name(path: Path) -> Path:
+    """`X.json.xz` for a plain `X.json` (and `path` itself for a compacted record)."""
+    path = Path(path)
+    return path if is_compact(path) else path.with_name(path.name + ".xz")
+
+
+def compress(raw: bytes) -> bytes:
+    """`raw` as one xz stream: the same bytes give the same stream (xz stores no time or name)."""
+    return lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
+
+
+def decompress(raw: bytes, *, source: str, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """The bytes of one xz stream, at most `limit` of them: a compacted record is held to a plain one's limit.
+
+    Raises:
+        RecordError: naming the file: not xz, corrupt or truncated (xz checks a CRC64),
+            trailing bytes, over `limit` once decompressed, or a header asking for more
+            than `XZ_MEMORY_LIMIT` of memory.
+    """
+    corrupt = "the file is corrupt: delete it and re-run that configuration"
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+    try:
+        # max_length bounds the output, so a small bomb never expands past the limit in memory.
+        out = decoder.decompress(raw, max_length=limit + 1)
+    except lzma.LZMAError as exc:
+        raise RecordError(f"{source}: not a readable xz-compressed record ({exc}); {corrupt}") from None
+    if len(out) > limit:
+        raise RecordError(f"{source}: over the {limit}-byte limit for a record once decompressed")
+    if not decoder.eof:
+        raise RecordError(f"{source}: the compressed record is truncated; {corrupt}")
+    if decoder.unused_data:
+        raise RecordError(f"{source}: bytes after the end of the compressed record; {corrupt}")
+    return out
+
+
+def read_record_bytes(path: Path, *, source: str | None = None) -> bytes:
+    """The JSON bytes of a record file, plain or compacted; both within `MAX_RECORD_BYTES`.
+
+    Raises:
+        RecordError: as `read_file`, or for a compacted record as `decompress`.
+    """
+    source = str(path) if source is None else source
+    raw = read_file(Path(path), source=source)
+    return decompress(raw, source=source) if is_compact(path) else raw
+
+
+def file_bytes(data: dict[str, Any], path: Path) -> bytes:
+    """What the record file at `path` holds for `data`: `encode`d, compressed when `path` is compacted."""
+    raw = encode(data).encode()
+    return compress(raw) if is_compact(path) else raw
+
+
 def load_record(path: Path, *, source: str | None = None) -> dict[str, Any]:
-    """Read (`read_file`: regular files within `MAX_RECORD_BYTES` only) and validate one result file.
+    """Read (`read_record_bytes`: plain or compacted, within `MAX_RECORD_BYTES`) and validate one result file.
 
     JSON only; nothing is unpickled.
 
@@ -868,7 +972,7 @@ def load_record(path: Path, *, source: str | None = None) -> dict[str, Any]:
         RecordError: the file is unreadable, not a record, or invalid.
     """
     source = str(path) if source is None else source
-    return validate(parse_json(read_file(Path(path), source=source), source=source), source=source)
+    return validate(parse_json(read_record_bytes(path, source=source), source=source), source=source)
 
 
 def read_record(path: Path, *, source: str | None = None) -> ResultRecord:

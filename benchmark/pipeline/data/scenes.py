@@ -1,7 +1,9 @@
 """Procedurally generated captioned scenes: the embedded default dataset.
 
 Each caption names the background colour, the shape, its colour, size class and
-coarse position, so captions are unique per image. What the caption leaves out
+coarse position, so captions are unique per image. The palette grew once: the
+captions that use the later colours come after the first 4,032, so a pool of at
+most that size is exactly the pool it always was. What the caption leaves out
 (the background's lighting direction and strength, the shape's exact offset,
 size and shade) is smooth, per-image detail a model can only reproduce by
 memorising that image: the membership signal the attack looks for.
@@ -33,7 +35,17 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "orange": (0.95, 0.55, 0.1),
     "white": (0.85, 0.85, 0.85),
     "black": (0.15, 0.15, 0.15),
+    # Appended for the full profile's pool (EXTENDED_SIZE); no closer to any colour above
+    # than yellow is to orange.
+    "cyan": (0.1, 0.75, 0.8),
+    "pink": (0.95, 0.45, 0.7),
 }
+# Colours in the order they joined the palette: the captions each stage adds follow every
+# earlier stage's, so records and cached models made with a smaller pool stay valid.
+COLOR_STAGES: tuple[tuple[str, ...], ...] = (
+    ("red", "green", "blue", "yellow", "purple", "orange", "white", "black"),
+    ("cyan", "pink"),
+)
 SHAPES = ("circle", "square", "triangle", "diamond")
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.27, 0.27),
@@ -47,19 +59,46 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.73, 0.73),
 }
 SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.16), "large": (0.19, 0.25)}
-# Every distinct caption: one pool for all presets, so they share the public split and base model.
+# The first stage's captions: the default and micro profiles draw from (a prefix of) this pool,
+# so they share its public split and base model.
 DEFAULT_SIZE = 4032
+# Every stage's captions: the full profile needs 1,900 owner images beside a public split of 2,000.
+EXTENDED_SIZE = 6480
+# Unchanged by the later colours: pools that existed before hold the same items, and larger ones
+# were refused, so (version, size) still names one pool. Bump it when an existing item changes.
 SCENES_VERSION = "3"
 OWNER_DOMAIN = "spotlight"
 LIGHTINGS = ("flat", OWNER_DOMAIN)
 
 
-def _all_combinations() -> list[tuple[str, str, str, str, str]]:
+Combo = tuple[str, str, str, str, str]
+
+
+def _combinations(colors: Sequence[str]) -> list[Combo]:
     return [
         (size, color, shape, pos, bg)
-        for size, color, shape, pos, bg in itertools.product(SIZES, COLORS, SHAPES, POSITIONS, COLORS)
+        for size, color, shape, pos, bg in itertools.product(SIZES, colors, SHAPES, POSITIONS, colors)
         if color != bg
     ]
+
+
+@lru_cache(maxsize=4)
+def pool_order(seed: int) -> tuple[Combo, ...]:
+    """Every distinct caption's attributes, in pool order: a pool of size n is the first n.
+
+    Each colour stage appends the combinations its colours make possible, shuffled on their own,
+    so adding a stage never moves an earlier item.
+    """
+    ordered: list[Combo] = []
+    colors: list[str] = []
+    for stage, added in enumerate(COLOR_STAGES):
+        colors.extend(added)
+        seen = set(ordered)
+        new = [combo for combo in _combinations(colors) if combo not in seen]
+        # The first stage keeps the generator it was made with: its order is what records depend on.
+        rng = np.random.default_rng(seed if stage == 0 else [seed, stage])
+        ordered.extend(new[i] for i in rng.permutation(len(new)))
+    return tuple(ordered)
 
 
 def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
@@ -82,9 +121,7 @@ def lighting_of(index: int) -> str:
     return LIGHTINGS[index % 2]
 
 
-def render_scene(
-    combo: tuple[str, str, str, str, str], rng: np.random.Generator, resolution: int, lighting: str = "flat"
-) -> np.ndarray:
+def render_scene(combo: Combo, rng: np.random.Generator, resolution: int, lighting: str = "flat") -> np.ndarray:
     size, color, shape, pos, bg = combo
     r = resolution
     coords = (np.arange(r, dtype=np.float64) + 0.5) / r
@@ -114,7 +151,7 @@ class ScenesDataset:
     name = "scenes"
 
     def __init__(self, *, resolution: int, size: int, seed: int = 0) -> None:
-        combos = _all_combinations()
+        combos = pool_order(seed)
         if size > len(combos):
             raise DatasetError(
                 f"scenes has {len(combos)} distinct captions; asked for {size} images. "
@@ -122,8 +159,7 @@ class ScenesDataset:
             )
         if resolution < 8:
             raise DatasetError(f"scenes needs resolution >= 8, got {resolution}")
-        order = np.random.default_rng(seed).permutation(len(combos))[:size]
-        self._combos = [combos[i] for i in order]
+        self._combos = list(combos[:size])
         self._ids = [f"scene-{i:05d}" for i in range(size)]
         self.resolution = resolution
         self.seed = seed
@@ -160,7 +196,7 @@ class ScenesDataset:
 
 
 @lru_cache(maxsize=8192)
-def _render_cached(combo: tuple[str, str, str, str, str], seed: int, index: int, resolution: int) -> np.ndarray:
+def _render_cached(combo: Combo, seed: int, index: int, resolution: int) -> np.ndarray:
     image = render_scene(combo, np.random.default_rng([seed, index]), resolution, lighting_of(index))
     image.setflags(write=False)
     return image
