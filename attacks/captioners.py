@@ -26,6 +26,7 @@ from torch import nn
 
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import cached
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.kernel.registry import Registry
 
@@ -107,6 +108,12 @@ def _torch_version() -> str:
     from importlib import metadata
 
     return metadata.version("torch").split("+")[0]
+
+
+def _device(net: nn.Module) -> torch.device:
+    # Captioners stay in fp32 (no autocast) on every device: the captions an attack queries
+    # with do not depend on --precision, which only changes the target's arithmetic.
+    return next(net.parameters()).device
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:
@@ -224,7 +231,7 @@ def _logits(net: nn.ModuleDict, x: torch.Tensor, tokens: torch.Tensor) -> torch.
 def _greedy(net: nn.ModuleDict, x: torch.Tensor, max_words: int) -> list[list[int]]:
     image = _image_state(net, x)
     state = image[None].contiguous()
-    token = torch.full((len(x), 1), BOS, dtype=torch.long)
+    token = torch.full((len(x), 1), BOS, dtype=torch.long, device=x.device)
     out = []
     for _ in range(max_words + 1):
         step_in = torch.cat([net["embed"](token), image[:, None]], dim=-1)
@@ -257,7 +264,10 @@ def train_tiny_captioner(
         per-epoch mean losses.
     """
     torch.manual_seed(seed)
+    # Shuffles are drawn on the CPU's generator and batches moved after: a seed names the same
+    # order on every device.
     generator = torch.Generator().manual_seed(seed)
+    device = _device(current_compute().place(net))
     images, captions = data.images, data.captions
     n_data, n_replay = len(images), 0
     if replay is not None and replay_ratio > 0:
@@ -283,8 +293,8 @@ def train_tiny_captioner(
         epoch_losses = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            seq = tokens[idx]
-            logits = _logits(net, x_all[idx], seq[:, :-1])
+            seq = tokens[idx].to(device)
+            logits = _logits(net, x_all[idx].to(device), seq[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), ignore_index=PAD)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -300,7 +310,7 @@ def train_tiny_captioner(
 def _save_tiny(folder: Path, net: nn.ModuleDict, vocab: WordVocabulary, info: dict[str, object]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "vocabulary.json").write_text(json.dumps(list(vocab.tokens)))
     (folder / "info.json").write_text(json.dumps(info, indent=2, default=str))
 
@@ -311,7 +321,7 @@ def _load_tiny(folder: Path, config: TinyCaptionerConfig) -> tuple[nn.ModuleDict
     vocab = WordVocabulary(tuple(json.loads((folder / "vocabulary.json").read_text())))
     net = _network(config, len(vocab.tokens))
     net.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return net.eval(), vocab, json.loads((folder / "info.json").read_text())
+    return current_compute().place(net.eval()), vocab, json.loads((folder / "info.json").read_text())
 
 
 @register_captioner("tiny")
@@ -422,9 +432,11 @@ class TinyCaptioner:
 
     def caption(self, images: np.ndarray) -> list[str]:
         x = _prepare(images, self.config.max_side)
+        device = _device(self.net)
         out: list[str] = []
         for start in range(0, len(x), 256):
-            out += [self.vocab.decode(ids) for ids in _greedy(self.net, x[start : start + 256], self.config.max_words)]
+            ids = _greedy(self.net, x[start : start + 256].to(device), self.config.max_words)
+            out += [self.vocab.decode(row) for row in ids]
         return out
 
     def describe(self) -> dict[str, object]:
@@ -490,7 +502,7 @@ def _load_blip(path: Path, model_type: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load the captioner in {path}: {exc}") from exc
-    return model.eval(), tokenizer
+    return current_compute().place(model.eval()), tokenizer
 
 
 @register_captioner("blip")
@@ -574,6 +586,7 @@ class BlipCaptioner:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.training.hf_learning_rate)
         pixels = self.pixels(data.images, model)
+        device = _device(model)
         model.train()
         losses = []
         for _epoch in range(self.training.hf_finetune_epochs):
@@ -590,10 +603,10 @@ class BlipCaptioner:
                     input_ids[:, 0] = model.config.text_config.bos_token_id
                 labels = input_ids.masked_fill(tokens.attention_mask == 0, -100)
                 out = model(
-                    pixel_values=pixels[idx],
-                    input_ids=input_ids,
-                    attention_mask=tokens.attention_mask,
-                    labels=labels,
+                    pixel_values=pixels[idx].to(device),
+                    input_ids=input_ids.to(device),
+                    attention_mask=tokens.attention_mask.to(device),
+                    labels=labels.to(device),
                 )
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -605,11 +618,12 @@ class BlipCaptioner:
 
     def caption(self, images: np.ndarray) -> list[str]:
         out: list[str] = []
+        device = _device(self.model)
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                pixels = self.pixels(images[start : start + self.batch_size], self.model)
+                pixels = self.pixels(images[start : start + self.batch_size], self.model).to(device)
                 ids = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, do_sample=False)
-                out += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+                out += [t.strip() for t in self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)]
         return out
 
     def describe(self) -> dict[str, object]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import cached
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.kernel.registry import Registry
 
@@ -183,10 +184,15 @@ def _prepare(images: np.ndarray, max_side: int) -> torch.Tensor:
 def train_conv_encoder(
     images: np.ndarray, config: ConvEncoderConfig, training: EncoderTraining, *, seed: int
 ) -> nn.ModuleDict:
-    """Denoising-autoencoder training: reconstruct clean images from noised, masked ones."""
+    """Denoising-autoencoder training: reconstruct clean images from noised, masked ones.
+
+    The network trains on the active device; its noise and masks are drawn on the
+    CPU's generator, so a seed names the same draws on every device.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    net = _conv_network(config)
+    net = current_compute().place(_conv_network(config))
+    device = _device(net)
     x_all = _prepare(images, config.max_side)
     optimizer = torch.optim.AdamW(net.parameters(), lr=training.learning_rate)
     net.train()
@@ -198,6 +204,7 @@ def train_conv_encoder(
             keep = (
                 torch.rand((len(clean), 1, *clean.shape[-2:]), generator=generator) >= training.mask_fraction
             ).float()
+            clean, noisy, keep = clean.to(device), noisy.to(device), keep.to(device)
             recon = net["decoder"](net["encoder"](noisy * keep))
             loss = F.mse_loss(recon, clean)
             optimizer.zero_grad(set_to_none=True)
@@ -205,7 +212,7 @@ def train_conv_encoder(
             optimizer.step()
     net.eval()
     with torch.no_grad():
-        feats = torch.cat([net["encoder"](x_all[i : i + 256]) for i in range(0, len(x_all), 256)])
+        feats = torch.cat([net["encoder"](x_all[i : i + 256].to(device)) for i in range(0, len(x_all), 256)])
         net.feature_mean.copy_(feats.mean(dim=(0, 2, 3)))
         net.feature_std.copy_(feats.std(dim=(0, 2, 3)) + 1e-6)
     return net
@@ -242,7 +249,7 @@ class ConvEncoder:
             from safetensors.torch import save_file
 
             net = train_conv_encoder(public.images, config, training, seed=seed)
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+            save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
             (folder / "config.json").write_text(json.dumps(inputs, indent=2, default=str))
 
         def load(folder: Path) -> nn.ModuleDict:
@@ -259,6 +266,7 @@ class ConvEncoder:
         else:
             self.net, hit, entry = cached(Path(request.cache_dir), "encoder-cnn", inputs, build, load)
             self.details.update(from_cache=hit, cache_key=entry.name)
+        self.net = current_compute().place(self.net)
 
     @staticmethod
     def check(request: EncoderRequest) -> None:
@@ -272,9 +280,10 @@ class ConvEncoder:
         x = _prepare(images, self.config.max_side)
         mean = self.net.feature_mean[:, None, None]
         std = self.net.feature_std[:, None, None]
+        device = _device(self.net)
         with torch.no_grad():
             out = [
-                ((self.net["encoder"](x[i : i + 256]) - mean) / std).flatten(2).transpose(1, 2)
+                ((self.net["encoder"](x[i : i + 256].to(device)) - mean) / std).flatten(2).transpose(1, 2).cpu()
                 for i in range(0, len(x), 256)
             ]
         return torch.cat(out)
@@ -287,6 +296,12 @@ def _torch_version() -> str:
     from importlib import metadata
 
     return metadata.version("torch").split("+")[0]
+
+
+def _device(net: nn.Module) -> torch.device:
+    # The encoders stay in fp32 (no autocast) on every device: the attack's similarities, and so
+    # its figures, do not depend on --precision, which only changes the target's arithmetic.
+    return next(net.parameters()).device
 
 
 # --- hf: any transformers vision model from a local folder ----------------------------
@@ -424,7 +439,7 @@ class HFVisionEncoder:
         self.check(request)
         assert request.path is not None
         self.folder = inspect_vision_folder(request.path)
-        self.model = _load_vision_model(self.folder)
+        self.model = current_compute().place(_load_vision_model(self.folder))
         self.fingerprint = _folder_fingerprint(self.folder.path)
 
     @staticmethod
@@ -438,16 +453,17 @@ class HFVisionEncoder:
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         x = _as_tensor(images)
-        mean = torch.tensor(self.folder.image_mean)[:, None, None]
-        std = torch.tensor(self.folder.image_std)[:, None, None]
+        device = _device(self.model)
+        mean = torch.tensor(self.folder.image_mean)[:, None, None].to(device)
+        std = torch.tensor(self.folder.image_std)[:, None, None].to(device)
         out = []
         with torch.no_grad():
             for start in range(0, len(x), self.batch_size):
-                chunk = x[start : start + self.batch_size]
+                chunk = x[start : start + self.batch_size].to(device)
                 if tuple(chunk.shape[-2:]) != self.folder.image_size:
                     chunk = F.interpolate(chunk, size=self.folder.image_size, mode="bilinear", antialias=True)
                 hidden = self.model(pixel_values=(chunk - mean) / std).last_hidden_state
-                out.append(self.patches(hidden))
+                out.append(self.patches(hidden).cpu())
         return torch.cat(out)
 
     def patches(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from benchmark.kernel.compute import Compute
 from benchmark.kernel.errors import BenchmarkError, ConfigError, DefenseError
 from benchmark.kernel.plugins import component_origin
 from benchmark.kernel.registry import Registry
@@ -89,6 +90,13 @@ class Defense:
         """The recipe `fine_tune` will run with (a defense may bring its own epochs or learning rate)."""
         return self.training_hooks().recipe(train_config)
 
+    def check_compute(self, compute: Compute) -> None:
+        """Refuse a device or precision the defense cannot run under, before any work (default: any).
+
+        Raises:
+            ConfigError: naming the setting to change.
+        """
+
     def fine_tune(
         self,
         *,
@@ -148,6 +156,10 @@ class ComposedDefense(Defense):
 
     def sampling_hooks(self) -> SamplingHooks:
         return ComposedSamplingHooks([part.sampling_hooks() for part in self.parts])
+
+    def check_compute(self, compute: Compute) -> None:
+        for part in self.parts:
+            part.check_compute(compute)
 
     def training_identity(self) -> dict[str, object] | None:
         parts = [(part.name, part.training_identity()) for part in sorted(self.parts, key=lambda d: d.name)]

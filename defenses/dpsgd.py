@@ -18,6 +18,10 @@ Known traps, and how they are handled here:
     back to functorch inside "hooks" mode. grad_sample_mode="ew" (expanded
     weights) fails on the UNet's convolutions (a non-contiguous view in
     torch's conv_utils), so it is not offered; "functorch" works but is slower.
+  * fast gradient clipping ("ghost"): Opacus computes ghost norms for Linear and
+    Embedding layers only, so it saves memory where those hold the trainable
+    weights (DP-LoRA on attention projections) and little on a full UNet, whose
+    convolutions and norms still get per-example gradients.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmark.kernel.compute import Compute
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.errors import ConfigError, DefenseError
 from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, TrainingState
 from defenses.base import Defense, DefenseConfig, register_defense
 
 ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
 class DeltaWarning(UserWarning):
@@ -59,7 +65,10 @@ class DPSGDConfig(DefenseConfig):
     accountant: Literal["prv", "rdp"] = "prv"
     # Poisson batches vary in size; larger ones are split (BatchMemoryManager).
     max_physical_batch_size: int = 64
-    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    # "ghost": Opacus' fast gradient clipping, per-example gradient norms without per-example
+    # gradients for Linear layers (LoRA adapters, attention projections); other layers
+    # (convolutions, norms) still materialise theirs. Two backward passes per step.
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     # True: cryptographically secure noise (slow, not reproducible); False: seeded.
     secure_mode: bool = False
     # Caps on the fine-tuning recipe (None: no cap). A learning rate tuned for clean
@@ -118,6 +127,25 @@ class DPSGDConfig(DefenseConfig):
             raise ConfigError(
                 f"dpsgd max_epochs must be >= 1, got {self.max_epochs} (or none to keep the fine-tuning recipe's)"
             )
+
+
+def check_dp_compute(compute: Compute) -> None:
+    """The compute settings DP-SGD cannot run under.
+
+    Raises:
+        ConfigError: fp16 (loss scaling acts before per-example clipping) or gradient checkpointing.
+    """
+    if compute.precision == "fp16":
+        raise ConfigError(
+            "dpsgd with --precision fp16: loss scaling would scale each example's gradient before it is "
+            "clipped, changing the clipping bound; pass --precision bf16 (no loss scaling) or fp32"
+        )
+    if compute.gradient_checkpointing:
+        raise ConfigError(
+            "dpsgd with --gradient-checkpointing: Opacus' per-example hooks would see each recomputed "
+            "activation twice; drop --gradient-checkpointing and bound memory with "
+            "--defense-arg max_physical_batch_size=N instead"
+        )
 
 
 @functools.cache
@@ -203,6 +231,7 @@ class DPSGDHooks(TrainingHooks):
                 "dpsgd trains the UNet only (the text encoder would see member captions outside the "
                 "privacy analysis); set finetune.train_text_encoder=False"
             )
+        check_dp_compute(current_compute())
         if train_config.max_grad_norm is not None:
             raise ConfigError(
                 "dpsgd clips each example's gradient (clipping_norm); unset finetune.max_grad_norm, "
@@ -246,7 +275,13 @@ class DPSGDHooks(TrainingHooks):
                 sigma = _calibrated_noise(
                     cfg.target_epsilon, self.delta, 1.0 / len(loader), train_config.epochs, cfg.accountant
                 )
-            module, optimizer, dp_loader = engine.make_private(noise_multiplier=sigma, **common)
+            if cfg.grad_sample_mode == "ghost":
+                # The criterion Opacus returns is not used: `backward` wraps the loop's own per-example losses.
+                module, optimizer, _, dp_loader = engine.make_private(
+                    noise_multiplier=sigma, criterion=torch.nn.MSELoss(), **common
+                )
+            else:
+                module, optimizer, dp_loader = engine.make_private(noise_multiplier=sigma, **common)
         if type(optimizer) is DPOptimizer:
             optimizer.__class__ = _fast_dp_optimizer_class()
         accountant_hook = optimizer.step_hook
@@ -281,6 +316,15 @@ class DPSGDHooks(TrainingHooks):
                 self.largest_physical_batch = max(self.largest_physical_batch, len(idx))
                 self.examples_sampled += len(idx)
                 yield idx
+
+    def backward(self, losses: torch.Tensor, state: TrainingState) -> None:
+        if self.config.grad_sample_mode != "ghost":
+            super().backward(losses, state)
+            return
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        # Two passes: per-example gradient norms, then the loss reweighted by each example's clipping factor.
+        DPTensorFastGradientClipping(self._module, self._optimizer, losses, "mean").backward()
 
     def optimizer_step(self, state: TrainingState) -> bool:
         before = self.noisy_steps
@@ -370,3 +414,6 @@ class DPSGD(Defense):
 
     def training_hooks(self) -> TrainingHooks:
         return DPSGDHooks(self.config)
+
+    def check_compute(self, compute: Compute) -> None:
+        check_dp_compute(compute)

@@ -103,7 +103,7 @@ def cross_attention(
         key = attn.norm_k(key)
     logits = (query @ key.transpose(-2, -1)) * attn.scale
     n = len(batch.token_mask)
-    conditional = torch.zeros(rows, dtype=torch.bool)
+    conditional = torch.zeros(rows, dtype=torch.bool, device=logits.device)
     conditional[rows - n :] = True  # [uncond; cond] under guidance, cond alone otherwise
     if config.bos_scale != 1:
         logits[conditional, :, :, 0] = logits[conditional, :, :, 0] * config.bos_scale

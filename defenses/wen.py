@@ -128,7 +128,7 @@ class WenMitigation(SamplingHooks):
         with torch.no_grad():
             unconditional = unet(latents, t, encoder_hidden_states=batch.uncond).sample
         result = batch.cond.detach().clone()
-        done = torch.zeros(len(latents), dtype=torch.bool)
+        done = torch.zeros(len(latents), dtype=torch.bool, device=latents.device)
         self.unet_calls += len(latents)
         for iteration in range(self.steps + 1):
             with torch.enable_grad():  # sampling runs under no_grad; this optimisation needs the graph

@@ -36,6 +36,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+NEEDS_CUDA = "needs a CUDA device (deselect with -m 'not gpu')"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A skip with its reason, not a silent pass: -ra lists every GPU check this machine did not run.
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_CUDA))
+
+
 @pytest.fixture(scope="session")
 def user_cache_dir() -> str | None:
     """BENCHMARK_CACHE_DIR as the caller set it (None if unset)."""

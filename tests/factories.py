@@ -8,6 +8,7 @@ from typing import Any
 
 from benchmark.app.config import RunConfig, profile
 from benchmark.pipeline.finetune import TrainConfig
+from benchmark.pipeline.models.tiny_sd import build_tiny_sd_pipeline
 from benchmark.pipeline.privacy_metrics import privacy_metrics
 from benchmark.pipeline.records import (
     AttackRecord,
@@ -165,3 +166,14 @@ def overfit_micro(tmp_path: Path, **changes: Any) -> RunConfig:
         cache_dir=tmp_path / "cache",
     )
     return config.replace(**changes)
+
+
+def tiny_sd_pipeline(corpus: list[str], *, sample_size: int = 8, latent_scale: int = 2, seed: int = 0) -> Any:
+    """A randomly initialised, tiny but real `StableDiffusionPipeline` (VAE, CLIP text encoder, UNet).
+
+    Save it with `save_pretrained` and load it with `load_model`, as a user's Stable
+    Diffusion folder. The defaults give 16 px images (8 px latents); `sample_size=64,
+    latent_scale=8` gives 512 px images from 64 px latents. Built by the package
+    (`build_tiny_sd_pipeline`), which the GPU check (`benchmark.app.bench_gpu`) uses too.
+    """
+    return build_tiny_sd_pipeline(corpus, sample_size=sample_size, latent_scale=latent_scale, seed=seed)

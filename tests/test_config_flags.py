@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Flags that are not part of the run's configuration, per subcommand.
 NOT_CONFIG = {
     "run": {"--scenario", "--attack-model", "--quiet", "--threads"},
-    "suite": {"--defenses", "--scenarios", "--attack-models", "--seeds", "--summary", "--quiet", "--threads"},
+    "suite": {"--defenses", "--scenarios", "--attack-models", "--seeds", "--summary", "--quiet", "--threads"}
+    # Where units run (benchmark.app.executors).
+    | {"--executor", "--ray-address", "--cpus-per-unit", "--gpus-per-unit", "--unit-retries"}
+    # Print what the suite would do instead of doing it (benchmark.app.plan).
+    | {"--plan"},
 }
 # Fields a subcommand sets through one of those flags instead of a flag of their own.
 SET_OTHERWISE = {

@@ -260,3 +260,26 @@ def test_dpsgd_rejects_recipes_outside_its_analysis(tiny_model_dir: Path, data) 
         with pytest.raises(ConfigError, match=message):
             resolve("dpsgd.sigma1").fine_tune(model=model, images=data[0], captions=data[1], train_config=config)
         assert type(model.unet) is UNet2DConditionModel
+
+
+@pytest.mark.parametrize("spec", ["dpsgd.sigma1", "dpsgd.sigma1+lora.r4"])
+def test_ghost_clipping_gives_the_per_example_clipped_update(tiny_model_dir: Path, data, spec: str) -> None:  # type: ignore[no-untyped-def]
+    # Fast gradient clipping computes per-example norms another way (ghost norms for Linear
+    # layers, two backward passes) but must clip and noise exactly the same sum: with the same
+    # seed (Poisson draws, diffusion noise, DP noise) the trained weights agree to float error,
+    # also across physical batches of a memory manager.
+    config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-3, seed=5)
+    key = "dpsgd." if "+" in spec else ""
+    trained = {}
+    for mode in ("hooks", "ghost"):
+        overrides = {f"{key}grad_sample_mode": mode, f"{key}max_physical_batch_size": "4"}
+        model, before, result = _fine_tune(tiny_model_dir, data, spec, overrides, config)
+        assert result.details["dpsgd"]["grad_sample_mode"] == mode
+        trained[mode] = (model.unet.state_dict(), before, result.details["dpsgd"])
+    (hooks, before, hooks_details), (ghost, _, ghost_details) = trained["hooks"], trained["ghost"]
+    assert ghost_details["steps"] == hooks_details["steps"] > 0
+    assert ghost_details["epsilon"] == hooks_details["epsilon"]
+    moved = max(float((hooks[k] - before[k]).abs().max()) for k in hooks)
+    assert moved > 1e-5, "the steps must change the weights for the comparison to mean anything"
+    for name, value in hooks.items():
+        torch.testing.assert_close(ghost[name], value, rtol=0, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")

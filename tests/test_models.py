@@ -15,6 +15,7 @@ from benchmark.pipeline.finetune import TrainConfig, train
 from benchmark.pipeline.models.diffusion import REQUIRED_SUBFOLDERS, DiffusionModel, generate, load_model
 from benchmark.pipeline.models.registry import MODELS, BaseModelRequest
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
+from tests.factories import tiny_sd_pipeline
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 
@@ -114,67 +115,6 @@ def test_load_model_corrupt_weights(tmp_path: Path, tiny_model_dir: Path) -> Non
 # ---------------------------------------------------------------- Stable Diffusion layout
 
 
-def _tiny_sd_pipeline(corpus: list[str]):  # type: ignore[no-untyped-def]
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=300)
-    tokenizer.model_max_length = 16
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=16,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def sd_scenes() -> ScenesDataset:
     return ScenesDataset(resolution=16, size=40)
@@ -184,7 +124,7 @@ def sd_scenes() -> ScenesDataset:
 def sd_folder(tmp_path_factory: pytest.TempPathFactory, sd_scenes: ScenesDataset) -> Path:
     corpus = [sd_scenes.caption(i) for i in range(len(sd_scenes))]
     folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    _tiny_sd_pipeline(corpus).save_pretrained(folder, safe_serialization=True)
+    tiny_sd_pipeline(corpus).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -281,7 +221,7 @@ def test_sd15_model_source_errors(tmp_path: Path, sd_folder: Path, sd_scenes: Sc
 def test_sd15_description_identifies_the_weights(tmp_path: Path, sd_scenes: ScenesDataset) -> None:
     corpus = [sd_scenes.caption(i) for i in range(len(sd_scenes))]
     folder = tmp_path / "model"
-    _tiny_sd_pipeline(corpus).save_pretrained(folder, safe_serialization=True)
+    tiny_sd_pipeline(corpus).save_pretrained(folder, safe_serialization=True)
     first = MODELS.get("sd15")(_request(sd_scenes, tmp_path, folder, 16), None).description
     # Different weights, same path (e.g. a re-downloaded or re-trained checkpoint).
     model = load_model(folder)

@@ -27,7 +27,7 @@ from benchmark.pipeline.data.base import images_to_tensor
 from benchmark.pipeline.data.scenes import ScenesDataset
 from benchmark.pipeline.finetune import TrainConfig, TrainingHooks, TrainingState, diffusion_loss
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tiny_model
-from defenses.dpsgd import DPSGDConfig, DPSGDHooks
+from defenses.dpsgd import GRAD_SAMPLE_MODES, DPSGDConfig, DPSGDHooks
 from defenses.lora import LoRAConfig, LoRAHooks
 
 
@@ -115,7 +115,7 @@ def measure(
             start = time.perf_counter()
             losses = diffusion_loss(state.model, images[idx], context[idx], state.generator, reduction="none")
             state.optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
+            stepper.backward(losses, state)
             stepper.optimizer_step(state)
             return time.perf_counter() - start
 
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--lora-rank", type=int, default=None, help="compare DP-LoRA with LoRA at this rank")
-    parser.add_argument("--grad-sample-mode", default="hooks", choices=["hooks", "functorch"])
+    parser.add_argument("--grad-sample-mode", default="hooks", choices=list(GRAD_SAMPLE_MODES))
     args = parser.parse_args(argv)
     times = measure(
         resolution=args.resolution,

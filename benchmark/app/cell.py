@@ -20,6 +20,7 @@ from attacks.families import ATTACK_FAMILIES, Access
 from attacks.scenarios import QueryAccess, ShadowMode
 from benchmark.app.config import RunConfig
 from benchmark.app.stages import SHADOW_SEED_OFFSET, RunContext, ScenarioEvidence, Target
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.plugins import component_origin
 from benchmark.pipeline.data.base import DATASETS
 from benchmark.pipeline.models.registry import MODELS
@@ -137,7 +138,7 @@ def cell_record(
     scenario = attack_config.scenario
     record = ResultRecord(
         run_id=run_id,
-        provenance=provenance(),
+        provenance=provenance(compute=current_compute().describe()),
         seeds={"seed": config.seed, "public_seed": config.public_seed, "shadow_seed": config.seed + SHADOW_SEED_OFFSET},
         config=config.to_dict(),
         components=components,
@@ -183,6 +184,7 @@ def cell_record(
         utility=utility.record() if utility is not None else None,
         timings_s=evidence.timings,
         peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        accelerator_memory_mb=dict(ctx.timer.memory_mb) or None,
         notes=_notes(privacy, config),
     )
     plot = roc_plot_png(

@@ -26,11 +26,19 @@ from attacks.scenarios import QueryAccess, Scenario
 from benchmark.app.compact import compact
 from benchmark.app.compare import ALPHA, RESAMPLES, compare, render, write_json
 from benchmark.app.config import PROFILES, RunConfig, profile
+from benchmark.app.executors import (
+    DEFAULT_EXECUTOR,
+    DEFAULT_UNIT_RETRIES,
+    RAY_INSTALL,
+    ExecutorOptions,
+    build_executor,
+)
 from benchmark.app.flags import add_config_flags, apply, given
 from benchmark.app.migrate import migrate
+from benchmark.app.plan import show_plan
 from benchmark.app.reproduce import Tolerance, reproduce
 from benchmark.app.runner import RunOutcome, run_matrix
-from benchmark.app.suite import SuiteSpec, run_suite
+from benchmark.app.suite import Executor, SuiteSpec, run_suite
 from benchmark.kernel.convert import convert
 from benchmark.kernel.errors import BenchmarkError, ConfigError
 from benchmark.kernel.interrupts import interrupted, watch_interrupts
@@ -109,8 +117,10 @@ SUITE_EXAMPLES = """examples:
   python -m benchmark suite                                  # every preset x scenario x attack model, seed 0
   python -m benchmark suite --defenses none,dpsgd.eps8 --seeds 0,1,2
   python -m benchmark suite --scenarios III --attack-models threshold --results-dir my-results
+  python -m benchmark suite --plan --defenses none,dpsgd.eps8 --seeds 0,1,2   # what it would do, and how long
   # resumable: run the same command again to finish an interrupted suite;
   # two suites on one --results-dir (e.g. one per core) split the work between them
+  python -m benchmark suite --executor ray --ray-address 10.0.0.5:6379 --gpus-per-unit 1   # docs/cluster.md
 """
 
 
@@ -129,8 +139,57 @@ def _add_suite_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     grid.add_argument("--attack-models", default="all", help="'all' or a comma list of threshold, distribution, ...")
     grid.add_argument("--seeds", default="0", help="comma list of run seeds")
     grid.add_argument("--summary", type=Path, help="also write the suite's summary (cells, stage times) as JSON here")
+    grid.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print what the suite would do (cells, fine-tunes, steps, images, estimated time) and write it "
+        "to --summary; nothing is trained or written",
+    )
     grid.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads_argument(grid)
+    _add_executor_arguments(p)
+
+
+def _add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the suite's units run (benchmark.app.executors); None marks a flag not given."""
+    where = p.add_argument_group("where units run (not part of the run's configuration; docs/cluster.md)")
+    where.add_argument(
+        "--executor",
+        default=DEFAULT_EXECUTOR,
+        help="local: every (defense, seed) unit in this process, one after another; ray: each unit as a Ray "
+        f"task (needs `{RAY_INSTALL}`), on nodes that share --results-dir and --cache-dir (default: %(default)s)",
+    )
+    where.add_argument(
+        "--ray-address",
+        help="HOST:PORT of a running Ray cluster's head (`ray start --head` prints it), or auto for the one "
+        "started on this machine; default: $RAY_ADDRESS, else a Ray instance started here for the suite",
+    )
+    where.add_argument(
+        "--cpus-per-unit",
+        type=float,
+        help="CPUs each unit's Ray task reserves, also its torch threads unless --threads (default: 1)",
+    )
+    where.add_argument(
+        "--gpus-per-unit", type=float, help="GPUs each unit's Ray task reserves; 0.5 shares one (default: 0)"
+    )
+    where.add_argument(
+        "--unit-retries",
+        type=int,
+        help=f"times Ray reruns a unit that failed or whose worker died, then reports it failed "
+        f"(default: {DEFAULT_UNIT_RETRIES})",
+    )
+
+
+def _executor_from_args(args: argparse.Namespace) -> Executor:
+    """The suite's executor, checked (flags, Ray installed, address reachable) before any unit runs."""
+    options = ExecutorOptions(
+        ray_address=args.ray_address,
+        cpus_per_unit=args.cpus_per_unit,
+        gpus_per_unit=args.gpus_per_unit,
+        unit_retries=args.unit_retries,
+        threads=args.threads,
+    )
+    return build_executor(args.executor, options)
 
 
 def _add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -212,13 +271,16 @@ def cmd_suite(args: argparse.Namespace, console: Console) -> int:
     spec = suite_spec_from_args(args)
     if args.summary is not None:
         _check_summary(args.summary)
+    if args.plan:
+        return show_plan(spec, console=console, summary=args.summary, executor=args.executor)
+    executor = _executor_from_args(args)
     n_cells = len(spec.defenses) * len(spec.seeds) * len(spec.scenarios) * len(spec.attack_models)
     console.print(
         f"suite: {len(spec.defenses)} defense(s) x {len(spec.scenarios)} scenario(s) x "
         f"{len(spec.attack_models)} attack model(s) x {len(spec.seeds)} seed(s) = {n_cells} cells "
         f"-> {spec.config.results_dir}"
     )
-    report = run_suite(spec, console=console, show_progress=not args.quiet)
+    report = run_suite(spec, console=console, show_progress=not args.quiet, executor=executor)
     table = Table(title=f"suite: {len(report.written)} written, {report.skipped} already done")
     table.add_column("stage")
     table.add_column("seconds", justify="right")

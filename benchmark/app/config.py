@@ -18,6 +18,7 @@ from attacks.families import ATTACK_FAMILIES, AttackFamilyError
 from attacks.scenarios import CaptionSource, QueryAccess, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.kernel.cache import default_cache_dir
+from benchmark.kernel.compute import Compute, resolve_compute
 from benchmark.kernel.convert import SEED_RANGE, convert, out_of_range
 from benchmark.kernel.errors import ConfigError
 from benchmark.kernel.registry import RegistryError
@@ -53,6 +54,19 @@ class RunConfig:
     resolution: int = field(default=16, metadata={"help": "image side in pixels", "min": 1})
     model: str = field(default="tiny", metadata={"help": "tiny (embedded) or sd15 (local folder)"})
     model_path: Path | None = field(default=None, metadata={"help": "local diffusers folder for --model sd15"})
+    # Where and how, not what: the device and gradient checkpointing leave a cell (and a cached
+    # fine-tune) the same cell; the precision changes the arithmetic, so it is part of both.
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or autocast in bf16 (CPU and GPU) or fp16 (GPU, with loss scaling); weights stay fp32",
+            "choices": ("fp32", "bf16", "fp16"),
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute UNet activations in the backward pass: less memory, more time"}
+    )
     defense: str = field(
         default="none",
         metadata={"help": "defense, preset or composition: none, dpsgd, dpsgd.eps8, dpsgd+lora.r4 (see `list`)"},
@@ -214,12 +228,16 @@ class RunConfig:
         metadata={"help": "cache for base and fine-tuned models (None: $BENCHMARK_CACHE_DIR or ~/.cache)"},
     )
 
-    def validate(self) -> RunConfig:
+    def validate(self, *, devices_here: bool = True) -> RunConfig:
         """Check names and numbers before any training starts.
 
         Each component checks its own settings through its registry's `check` hook
         (a folder it needs, the public split it trains on), so plugins are checked
         the same way as built-ins.
+
+        Args:
+            devices_here: False where the run will happen on other machines (a cluster's workers):
+                the device is then checked by name only.
 
         Raises:
             ConfigError: naming the bad value and the fix (or a component's own
@@ -240,10 +258,16 @@ class RunConfig:
                 raise ConfigError(str(exc)) from None
 
         try:
-            resolve(self.defense, self.defense_args)
+            defense = resolve(self.defense, self.defense_args)
         except RegistryError as exc:
             raise ConfigError(str(exc)) from None
         self.check_ranges()
+        # A device this machine lacks, or a precision the defense cannot train in, fails here; a
+        # cluster's driver leaves the device to the workers, which validate again where they run.
+        compute = resolve_compute(
+            self.device, self.precision, gradient_checkpointing=self.gradient_checkpointing, here=devices_here
+        )
+        defense.check_compute(compute)
         DATASETS.check(
             self.dataset,
             DatasetSpec(self.dataset, resolution=self.resolution, path=self.dataset_path, size=self.dataset_size),
@@ -266,6 +290,11 @@ class RunConfig:
             flag = "--" + path.replace("_", "-")
             more = f" (and {len(bad) - 1} more setting(s) out of range)" if len(bad) > 1 else ""
             raise ConfigError(f"{flag} must be {allowed}, got {value!r}; pass a value in range{more}")
+
+    @property
+    def compute(self) -> Compute:
+        """The resolved device and precision (ConfigError where this machine cannot run them)."""
+        return resolve_compute(self.device, self.precision, gradient_checkpointing=self.gradient_checkpointing)
 
     @property
     def utility_settings(self) -> UtilitySettings:
@@ -399,7 +428,13 @@ def portable_path(path: Path) -> str:
 # configuration is read under today's names, so old records load and match new runs.
 RENAMED_SETTINGS: dict[str, str] = {"preset": "profile"}
 # Settings added later, with the value that gives the behaviour of the records written before them.
-INTRODUCED_SETTINGS: dict[str, Any] = {"utility_generations": 1, "utility_bootstrap": 0}
+INTRODUCED_SETTINGS: dict[str, Any] = {
+    "utility_generations": 1,
+    "utility_bootstrap": 0,
+    "device": "cpu",
+    "precision": "fp32",
+    "gradient_checkpointing": False,
+}
 
 
 def upgrade_config_dict(data: Mapping[str, Any]) -> dict[str, Any]:

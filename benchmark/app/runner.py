@@ -19,6 +19,7 @@ from benchmark.app import stages
 from benchmark.app.cell import ROC_SUFFIX, cell_record
 from benchmark.app.config import RunConfig
 from benchmark.kernel.cache import check_cache_dir, rebuild_log
+from benchmark.kernel.compute import use as use_compute
 from benchmark.kernel.leftovers import sweep
 from benchmark.kernel.progress import StageTimer
 from benchmark.pipeline.records import TEMP_TAG, ResultRecord, check_writable, write_attachment, write_record
@@ -71,7 +72,8 @@ def run_matrix(
     sweep(config.results_dir, TEMP_TAG, recursive=True)
     torch.manual_seed(config.seed)
     outcomes: list[RunOutcome] = []
-    with StageTimer(console, show=show_progress) as timer, rebuild_log() as rebuilt:
+    # Every network of the run is placed and cast by the active compute settings.
+    with use_compute(config.compute), StageTimer(console, show=show_progress) as timer, rebuild_log() as rebuilt:
         # Everything that can fail on bad input happens first, before any training.
         public_size = max(c.public_split_size for c in cells.values())
         data = stages.load_data(config, scenarios, public_size=public_size, timer=timer)

@@ -8,7 +8,8 @@ Each stage takes what it needs, returns a typed result and times itself on the
 context's `StageTimer`; `benchmark.app.runner` calls them in this order. Work that
 several scenarios share (a shadow model, a score vector) is computed once per run
 and kept in the context; work that every run of a suite shares (fine-tunes, the
-base model's control scores and utility) is kept on disk through
+base model's control scores and utility, and the target's utility and scores, which
+runs of one unit's scenarios in separate processes share) is kept on disk through
 `benchmark.kernel.cache`.
 """
 
@@ -31,7 +32,8 @@ from attacks.families import DEFAULT_FAMILY, Access, AttackFamily
 from attacks.scenarios import CaptionSource, Scenario, ShadowMode
 from attacks.training_data import TrainingData
 from benchmark.app.config import RunConfig
-from benchmark.kernel.cache import cache_key, cached, cached_arrays
+from benchmark.kernel.cache import cache_key, cached, cached_arrays, entry_digest
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.progress import StageTimer
 from benchmark.pipeline.data.base import DATASETS, DatasetSpec, ImageTextDataset, images_to_tensor
 from benchmark.pipeline.data.splits import ShadowSplit, Splits, SplitSizes, make_splits, shadow_split
@@ -39,7 +41,7 @@ from benchmark.pipeline.finetune import TrainConfig, TrainReport
 from benchmark.pipeline.models.diffusion import DiffusionModel, black_box, gray_box, load_model
 from benchmark.pipeline.models.registry import MODELS, BaseModel, BaseModelRequest
 from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget
-from benchmark.pipeline.utility_metrics import UtilityResult, UtilitySamples, measure_utility
+from benchmark.pipeline.utility_metrics import UtilityResult, UtilitySamples, measure_utility, protocol_identity
 from defenses import Defense, resolve
 
 # Offsets the shadow's training seed from the target's: the same members never get the same noise.
@@ -51,6 +53,8 @@ class FineTuned:
     model: DiffusionModel
     report: dict[str, Any]
     from_cache: bool
+    # Its cache entry, whose files name the weights in the keys of work done with them.
+    entry: Path | None = None
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Target:
     baseline_features: np.ndarray | None
     # Seconds of the stages every scenario shares.
     shared_timings: dict[str, float]
+    # The target in the disk caches of its utility and scores (None: they are not kept on disk).
+    identity: dict[str, object] | None = None
 
 
 @dataclass
@@ -168,39 +174,29 @@ def base_model(ctx: RunContext) -> BaseModel:
     pretrain_steps = config.pretrain.epochs * -(-len(splits.public) // config.pretrain.batch_size)
     with ctx.timer.stage("base model", total=pretrain_steps if config.model == "tiny" else None) as advance:
         return MODELS.get(config.model)(
-            BaseModelRequest(
-                dataset=ctx.data.dataset,
-                public_indices=splits.public,
-                resolution=config.resolution,
-                pretrain=config.pretrain,
-                cache_dir=config.cache_path,
-                model_path=config.model_path,
-            ),
-            lambda step, total, loss: advance(info=f"loss {loss:.4f}"),
+            base_model_request(config, ctx.data), lambda step, total, loss: advance(info=f"loss {loss:.4f}")
         )
+
+
+def base_model_request(config: RunConfig, data: RunData) -> BaseModelRequest:
+    """What names the run's base model (and so its cache key)."""
+    return BaseModelRequest(
+        dataset=data.dataset,
+        public_indices=data.splits.public,
+        resolution=config.resolution,
+        pretrain=config.pretrain,
+        cache_dir=config.cache_path,
+        model_path=config.model_path,
+    )
 
 
 def fine_tune(ctx: RunContext, name: str, defense: Defense, indices: tuple[int, ...], *, seed: int) -> FineTuned:
     """Fine-tune the base model on `indices` under `defense`; cached on disk by everything that shapes it."""
     config, base, dataset = ctx.config, _base(ctx), ctx.data.dataset
-    train_config = TrainConfig(**{**config.finetune.to_dict(), "seed": seed})
+    train_config = fine_tune_config(config, seed=seed)
     recipe = defense.recipe(train_config)
     steps = recipe.epochs * -(-len(indices) // recipe.batch_size)
-    inputs = {
-        # A cached base by its place in the cache (content-addressed, so the cache may move); a user folder by its path.
-        "base": (
-            str(base.model_dir)
-            if cached_base_identity(config, base) is None
-            else base.model_dir.resolve().relative_to(config.cache_path.resolve()).as_posix()
-        ),
-        "base_description": base.description,
-        "dataset": dataset.describe(),
-        "ids": [dataset.ids[i] for i in indices],
-        "train": train_config.to_dict(),
-        # Only what shapes the weights: a generation-time defense shares the plain recipe's fine-tune.
-        "defense": _training_identity(defense),
-        "torch": torch.__version__.split("+")[0],
-    }
+    inputs = fine_tune_inputs(config, base, dataset, defense, indices, train_config)
     with ctx.timer.stage(name, total=steps) as advance:
 
         def build(folder: Path) -> None:
@@ -221,12 +217,47 @@ def fine_tune(ctx: RunContext, name: str, defense: Defense, indices: tuple[int, 
             report = json.loads((folder / "train_report.json").read_text())
             return FineTuned(model=load_model(folder), report=report, from_cache=True)
 
-        tuned, hit, _ = cached(config.cache_path, "finetuned", inputs, build, load)
+        tuned, hit, entry = cached(config.cache_path, FINETUNE_CACHE_KIND, inputs, build, load)
         # A generation-time defense samples this model its own way (its config is in the cache key).
         tuned.model.sampling_hooks = defense.sampling_hooks()
-        tuned.from_cache = hit
+        tuned.from_cache, tuned.entry = hit, entry
         tuned.report["from_cache"] = hit
     return tuned
+
+
+FINETUNE_CACHE_KIND = "finetuned"
+
+
+def fine_tune_config(config: RunConfig, *, seed: int) -> TrainConfig:
+    """The run's fine-tuning recipe at `seed`, before the defense changes it."""
+    return TrainConfig(**{**config.finetune.to_dict(), "seed": seed})
+
+
+def fine_tune_inputs(
+    config: RunConfig,
+    base: BaseModel,
+    dataset: ImageTextDataset,
+    defense: Defense,
+    indices: Sequence[int],
+    train_config: TrainConfig,
+) -> dict[str, object]:
+    """Everything that shapes a fine-tune: its cache key, for `fine_tune` and a suite's plan alike."""
+    return {
+        # A cached base by its place in the cache (content-addressed, so the cache may move); a user folder by its path.
+        "base": (
+            str(base.model_dir)
+            if cached_base_identity(config, base) is None
+            else base.model_dir.resolve().relative_to(config.cache_path.resolve()).as_posix()
+        ),
+        "base_description": base.description,
+        "dataset": dataset.describe(),
+        "ids": [dataset.ids[i] for i in indices],
+        "train": train_config.to_dict(),
+        # Only what shapes the weights: a generation-time defense shares the plain recipe's fine-tune.
+        "defense": _training_identity(defense),
+        "torch": torch.__version__.split("+")[0],
+        **current_compute().identity(),
+    }
 
 
 def _training_identity(defense: Defense) -> dict[str, object]:
@@ -256,8 +287,9 @@ def target(ctx: RunContext) -> Target:
     """Fine-tune the target, build the attack's encoder, measure utility, draw the target's queries."""
     config = ctx.config
     tuned = fine_tune(ctx, "fine-tune target", ctx.defense, ctx.data.splits.members, seed=config.seed)
+    identity = None if tuned.entry is None else cached_target_identity(config, _base(ctx), ctx.defense, tuned.entry)
     encoder = attack_encoder(ctx)
-    measured = utility(ctx, tuned.model) if config.utility_metrics else None
+    measured = utility(ctx, tuned.model, identity) if config.utility_metrics else None
     shared_timings = {k: round(v, 3) for k, v in ctx.timer.timings.items()}
     queries, labels = target_queries(ctx.data.dataset, ctx.data.splits, seed=config.seed)
     box = black_box(tuned.model, config.sampling, name="target")
@@ -273,11 +305,16 @@ def target(ctx: RunContext) -> Target:
         gray_box=grey,
         baseline_features=features,
         shared_timings=shared_timings,
+        identity=identity,
     )
 
 
-def utility(ctx: RunContext, model: DiffusionModel) -> UtilityResult:
-    """FID, KID and CLIP score of `model`, and (with the control) of the base model under the same protocol."""
+def utility(ctx: RunContext, model: DiffusionModel, identity: dict[str, object] | None = None) -> UtilityResult:
+    """FID, KID and CLIP score of `model`, and (with the control) of the base model under the same protocol.
+
+    Args:
+        identity: `model`'s in the disk cache (`cached_target_identity`); None: measured, not kept.
+    """
     config, data = ctx.config, ctx.data
     with ctx.timer.stage("utility") as advance:
 
@@ -294,20 +331,22 @@ def utility(ctx: RunContext, model: DiffusionModel) -> UtilityResult:
                 progress=progress,
             )
 
-        result = measure(model, advance)
+        inputs = None if identity is None else target_utility_inputs(config, data, identity)
+        result = _kept_utility(ctx, TARGET_UTILITY_KIND, inputs, lambda: measure(model, advance))
         if config.control:
             # The same protocol on the model before fine-tuning: the reference point
             # a defense's utility cost is read against.
-            eval_set = {
-                "dataset": data.dataset.describe(),
-                "ids": [data.dataset.ids[i] for i in data.splits.utility],
-            }
             result = result.with_base_model(
-                _base_model_utility(ctx, result, eval_set, lambda: measure(_base(ctx).load(), None)),
+                _base_model_utility(ctx, result, utility_eval_set(data), lambda: measure(_base(ctx).load(), None)),
                 resamples=config.utility_settings.bootstrap,
                 seed=config.seed,
             )
     return result
+
+
+def utility_eval_set(data: RunData) -> dict[str, object]:
+    """The utility protocol's captions and images, by dataset and ids (part of the utility caches' keys)."""
+    return {"dataset": data.dataset.describe(), "ids": [data.dataset.ids[i] for i in data.splits.utility]}
 
 
 def target_queries(dataset: ImageTextDataset, splits: Splits, *, seed: int) -> tuple[list[Query], np.ndarray]:
@@ -349,14 +388,7 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
             advance(len(shadow_queries) + len(tgt.queries))
         caption_match = _caption_match(truth_target, queries, tgt.labels, truth_shadow, shadow_queries)
 
-    # The attacker's settings are the run's, under the same names (the img2img strength aside).
-    same_names = {f.name for f in dataclasses.fields(AttackConfig)} & {f.name for f in dataclasses.fields(config)}
-    attack_config = AttackConfig(
-        **{name: getattr(config, name) for name in same_names - {"scenario", "attack_model"}},
-        scenario=scenario,
-        attack_model=attack_model,
-        strength=config.img2img_strength,
-    )
+    attack_config = attacker_config(config, scenario, attack_model=attack_model)
     family = attack_config.family()
     # The attacker gets the access its family needs: images out of captions, or noise predictions.
     gray = family.access(attack_config.query_access) is Access.GRAY_BOX
@@ -368,10 +400,24 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
     shadow_scores = _score(
         ctx, "attack: shadow", ("shadow", shadow_key), shadow_box, shadow_queries, attack_config, tgt
     )
+    # An `hf` encoder is named by its folder path only, whose contents could change: its scores stay in memory.
+    keep = config.encoder_path is None
     target_box = tgt.gray_box if gray else tgt.box
-    target_scores = _score(ctx, "attack: target", ("target",), target_box, queries, attack_config, tgt)
+    target_scores = _score(
+        ctx,
+        "attack: target",
+        ("target",),
+        target_box,
+        queries,
+        attack_config,
+        tgt,
+        # Scenarios I and III ask the target the same, and often run in separate processes.
+        on_disk=(TARGET_SCORES_KIND, tgt.identity) if keep and tgt.identity is not None else None,
+    )
     base_scores = None
     if config.control:
+        # Every defense of a suite asks the same base model the same.
+        base_identity = cached_base_identity(config, _base(ctx))
         base_box: BlackBoxTarget | GrayBoxTarget
         if gray:
             if ctx.base_gray_box is None:
@@ -389,8 +435,7 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
             queries,
             attack_config,
             tgt,
-            # An `hf` encoder is named by its folder path only, whose contents could change.
-            persist=config.encoder_path is None,
+            on_disk=(CONTROL_SCORES_KIND, base_identity) if keep and base_identity is not None else None,
         )
     baseline_shadow = None
     if config.baseline:
@@ -413,6 +458,17 @@ def attack_scenario(ctx: RunContext, tgt: Target, scenario: Scenario, *, attack_
         base_scores=base_scores,
         baseline_shadow_features=baseline_shadow,
         timings=timings,
+    )
+
+
+def attacker_config(config: RunConfig, scenario: Scenario, *, attack_model: str) -> AttackConfig:
+    """The attacker's settings: the run's, under the same names (the img2img strength aside)."""
+    same_names = {f.name for f in dataclasses.fields(AttackConfig)} & {f.name for f in dataclasses.fields(config)}
+    return AttackConfig(
+        **{name: getattr(config, name) for name in same_names - {"scenario", "attack_model"}},
+        scenario=scenario,
+        attack_model=attack_model,
+        strength=config.img2img_strength,
     )
 
 
@@ -442,13 +498,14 @@ def _score(
     config: AttackConfig,
     tgt: Target,
     *,
-    persist: bool = False,
+    on_disk: tuple[str, dict[str, object]] | None = None,
 ) -> ScoredQueries:
     """Score `queries` on `box` through the attack's family once per run: the same model, queries, captions and
     attack give the same scores.
 
-    `persist`: keep the scores on disk too, for the base-model control, which every
-    defense of a suite shares (only when the base model is a cached one).
+    Args:
+        on_disk: (cache kind, the model's identity) to keep the scores on disk for later runs too;
+            None: in this run's memory only.
     """
     key = cache_key(
         {
@@ -465,10 +522,10 @@ def _score(
         def compute() -> ScoredQueries:
             return score_queries(box, queries, config, encoder=tgt.encoder, progress=advance)
 
-        identity = cached_base_identity(ctx.config, _base(ctx)) if persist else None
-        ctx.scores[key] = (
-            compute() if identity is None else _persisted_scores(ctx, identity, compute, queries, config, tgt)
-        )
+        if on_disk is None:
+            ctx.scores[key] = compute()
+        else:
+            ctx.scores[key] = _persisted_scores(ctx, *on_disk, compute, queries, config, tgt)
     return ctx.scores[key]
 
 
@@ -501,33 +558,97 @@ def cached_base_identity(config: RunConfig, base: BaseModel) -> dict[str, object
     is a user folder whose contents could change under the same path."""
     if not base.model_dir.resolve().is_relative_to(config.cache_path.resolve()):
         return None
-    return {"base_model": base.model_dir.name, "sampling": config.sampling.to_dict()}
+    return {"base_model": base.model_dir.name, "sampling": config.sampling.to_dict(), **current_compute().identity()}
+
+
+def keeps_target_work(config: RunConfig, base: BaseModel, defense: Defense) -> bool:
+    """Whether the target's utility and scores are kept on disk for later runs.
+
+    Not for a target fine-tuned from a user folder (as `cached_base_identity`), nor for one whose
+    defense acts in sampling: its record tells what the hooks did in this run's own generations,
+    which values read from disk would leave out.
+    """
+    return cached_base_identity(config, base) is not None and not defense.sampling_hooks().changes_sampling
+
+
+def cached_target_identity(
+    config: RunConfig, base: BaseModel, defense: Defense, fine_tune: Path
+) -> dict[str, object] | None:
+    """What identifies the target and its sampling in a disk cache (a suite's plan computes the same), or None
+    where its work is not kept there (`keeps_target_work`).
+
+    Args:
+        fine_tune: the target fine-tune's cache entry (`fine_tune_inputs` name it).
+    """
+    weights = entry_digest(fine_tune)
+    if weights is None or not keeps_target_work(config, base, defense):
+        return None
+    return {
+        "fine_tune": fine_tune.name,
+        # A rebuilt entry whose training came out otherwise names other weights.
+        "weights": weights,
+        # Generation-time settings share the plain recipe's fine-tune but not its samples.
+        "defense": defense.describe(),
+        "sampling": config.sampling.to_dict(),
+        **current_compute().identity(),
+    }
+
+
+CONTROL_SCORES_KIND = "control-scores"
+BASE_UTILITY_KIND = "base-utility"
+TARGET_SCORES_KIND = "target-scores"
+TARGET_UTILITY_KIND = "target-utility"
+
+
+def target_utility_inputs(config: RunConfig, data: RunData, target: dict[str, object]) -> dict[str, object]:
+    """What keys the target's utility on disk (a suite's plan reads the same key)."""
+    settings = config.utility_settings
+    return {
+        "model": target,
+        "protocol": protocol_identity(
+            settings, training=config.reference_clip, public=None if data.public is None else data.public.fingerprint
+        ),
+        "eval_set": cache_key(utility_eval_set(data)),
+    }
+
+
+def score_inputs(
+    model: dict[str, object], queries: Sequence[Query], config: AttackConfig, *, encoder: dict[str, object]
+) -> dict[str, object]:
+    """What keys a model's scores on disk, the base model's control or the target's (a suite's plan reads the same
+    keys)."""
+    attack = {k: v for k, v in config.to_dict().items() if k not in ("scenario", "attack_model")}
+    attack.update(_family_identity(config))
+    return {
+        "model": model,
+        "queries": cache_key({"ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}),
+        "attack": attack,
+        "encoder": encoder,
+        "torch": torch.__version__.split("+")[0],
+    }
 
 
 def _persisted_scores(
     ctx: RunContext,
+    kind: str,
     model: dict[str, object],
     compute: Callable[[], ScoredQueries],
     queries: list[Query],
     config: AttackConfig,
     tgt: Target,
 ) -> ScoredQueries:
-    """Scores cached on disk (npy + JSON, nothing unpickled), keyed by model, queries and attack settings."""
-    attack = {k: v for k, v in config.to_dict().items() if k not in ("scenario", "attack_model")}
-    attack.update(_family_identity(config))
-    inputs = {
-        "model": model,
-        "queries": cache_key({"ids": [q.query_id for q in queries], "captions": [q.caption for q in queries]}),
-        "attack": attack,
-        "encoder": tgt.encoder.describe(),
-        "torch": torch.__version__.split("+")[0],
-    }
+    """Scores cached on disk (npy + JSON, nothing unpickled), keyed by model, queries and attack settings.
+
+    Every field is kept (the query budget, images generated, UNet calls, seconds spent), so
+    a record built from them is the one the computation would have given.
+    """
+    inputs = score_inputs(model, queries, config, encoder=tgt.encoder.describe())
 
     def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         scored = compute()
         return {"scores": scored.scores}, {k: v for k, v in dataclasses.asdict(scored).items() if k != "scores"}
 
-    arrays, meta = cached_arrays(ctx.config.cache_path, "control-scores", inputs, build)
+    arrays, meta = cached_arrays(ctx.config.cache_path, kind, inputs, build)
     return ScoredQueries(scores=arrays["scores"], **meta)
 
 
@@ -546,6 +667,16 @@ def _base_model_utility(
         k: v for k, v in protocol.get("clip_model", {}).items() if k not in ("from_cache", "cache_key")
     }
     inputs = {"model": model, "protocol": protocol, "eval_set": cache_key(eval_set)}
+    return _kept_utility(ctx, BASE_UTILITY_KIND, inputs, compute)
+
+
+def _kept_utility(
+    ctx: RunContext, kind: str, inputs: dict[str, object] | None, compute: Callable[[], UtilityResult]
+) -> UtilityResult:
+    """A utility result cached on disk under `inputs` (None: computed, not kept): its figures as JSON, and the
+    samples behind them as arrays (nothing unpickled), which later paired comparisons resample."""
+    if inputs is None:
+        return compute()
 
     def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         result = compute()
@@ -553,7 +684,7 @@ def _base_model_utility(
         samples = {} if result.samples is None else dataclasses.asdict(result.samples)
         return samples, figures
 
-    arrays, figures = cached_arrays(ctx.config.cache_path, "base-utility", inputs, build, meta_name="utility.json")
+    arrays, figures = cached_arrays(ctx.config.cache_path, kind, inputs, build, meta_name="utility.json")
     return UtilityResult(**figures, samples=UtilitySamples(**arrays) if arrays else None)
 
 

@@ -7,6 +7,8 @@ matches the cell's; a resumed suite skips it. Each unit holds an exclusive
 `flock` on a lock file in the results folder while it runs, so two suites on one
 folder split the units between them instead of both doing (and writing) the same
 cells; the kernel drops the lock when a process dies, so a crash leaves no stale lock.
+An executor (`benchmark.app.executors`: this process, or Ray tasks) decides where
+units run; each runs a unit through `UnitTask`, so the rules above hold everywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 
@@ -32,8 +34,9 @@ from benchmark.kernel.errors import ConfigError
 from benchmark.pipeline.records import RecordError, check_writable, read_record, record_files
 
 LOCK_DIR = ".locks"
-# Where a record's configuration may differ from the cell's without making it another cell.
-_NOT_PART_OF_A_CELL = ("results_dir", "cache_dir")
+# Where a record's configuration may differ from the cell's without making it another cell:
+# where outputs go, and where and with how much memory it was computed (a cell done on a GPU is done).
+_NOT_PART_OF_A_CELL = ("results_dir", "cache_dir", "device", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,15 @@ class SuiteSpec:
     attack_models: tuple[str, ...]
     seeds: tuple[int, ...]
 
-    def units(self) -> list[RunConfig]:
-        """One validated configuration per (defense, seed); scenario and attack model are the first cell's."""
+    def units(self, *, devices_here: bool = True) -> list[RunConfig]:
+        """One validated configuration per (defense, seed); scenario and attack model are the first cell's.
+
+        `devices_here`: False when the units run on other machines, whose devices this one cannot check.
+        """
         return [
             self.config.replace(
                 defense=d, seed=s, scenario=self.scenarios[0], attack_model=self.attack_models[0]
-            ).validate()
+            ).validate(devices_here=devices_here)
             for d in self.defenses
             for s in self.seeds
         ]
@@ -70,6 +76,8 @@ class SuiteReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     unit_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    # Units an executor ran more than once (a Ray task that failed or whose worker died): label -> retries.
+    retries: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,7 +87,18 @@ class SuiteReport:
             "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
             "unit_seconds": {k: round(v, 1) for k, v in self.unit_seconds.items()},
             "wall_seconds": round(self.wall_seconds, 1),
+            "retries": dict(self.retries),
         }
+
+    def merge(self, part: SuiteReport) -> None:
+        """Add one unit's report (its wall time is the suite's, not summed)."""
+        self.written.extend(part.written)
+        self.skipped += part.skipped
+        self.failed.extend(part.failed)
+        for stage, seconds in part.stage_seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        self.unit_seconds.update(part.unit_seconds)
+        self.retries.update(part.retries)
 
 
 def cell_key(config: RunConfig | dict[str, Any]) -> str:
@@ -177,38 +196,103 @@ def _open_lock(path: Path) -> int:
         raise ConfigError(f"suite lock {path} cannot be opened ({exc.strerror or exc}); {fix}") from None
 
 
+@dataclass(frozen=True)
+class UnitTask:
+    """One unit as an executor schedules it: plain data, so that a Ray task can carry it to another node.
+
+    Every executor runs a unit through this one call of `_run_unit` (its lock, the
+    check of its missing cells, `run_matrix`): there is no second code path for a cluster.
+    """
+
+    spec: SuiteSpec
+    unit: RunConfig
+    show_progress: bool = True
+    # None: `runner.run_matrix`, looked up where the task runs (tests pass a stand-in).
+    run_matrix: Callable[..., list[Any]] | None = None
+
+    @property
+    def label(self) -> str:
+        return _label(self.unit)
+
+    def __call__(self, *, wait: bool, console: Console) -> SuiteReport | None:
+        """Run the unit's missing cells under its lock.
+
+        Args:
+            wait: wait for the lock when another suite holds it; otherwise return None at once.
+            console: where the unit's progress goes.
+
+        Returns:
+            What this unit did, or None when another suite holds it and `wait` is off.
+
+        Raises:
+            ConfigError: damaged lock state, or a bad cell (checked before its training).
+        """
+        report = SuiteReport()
+        run_matrix = self.run_matrix or runner.run_matrix
+        if not _run_unit(self.spec, self.unit, report, console, self.show_progress, run_matrix, wait=wait):
+            return None
+        return report
+
+
+class Executor(Protocol):
+    """Runs a suite's units; `benchmark.app.executors` registers them (local, ray)."""
+
+    def run(self, units: Sequence[UnitTask], report: SuiteReport, console: Console) -> None:
+        """Run every unit and merge what each did into `report`; a failed unit is reported there, not raised."""
+        ...
+
+
 def run_suite(
     spec: SuiteSpec,
     *,
     console: Console | None = None,
     show_progress: bool = True,
     run_matrix: Callable[..., list[Any]] | None = None,
+    executor: Executor | None = None,
 ) -> SuiteReport:
     """Run every missing cell of `spec`; a failing unit is reported and the suite goes on.
 
-    Units another suite is running are passed over first, then waited for: when
-    their lock frees, whatever that suite did not finish is run here.
+    Args:
+        run_matrix: stands in for `runner.run_matrix` (tests).
+        executor: where the units run (`benchmark.app.executors.build_executor`); default: one after
+            another in this process (`run_locally`).
 
     Raises:
         ConfigError: a bad unit (checked for all units before anything runs) or an unwritable folder.
     """
-    run_matrix = run_matrix or runner.run_matrix
     console = console or Console(stderr=True)
-    results_dir = spec.config.results_dir
-    units = spec.units()
-    check_writable(results_dir)
+    units = spec.units(devices_here=getattr(executor, "devices_here", True))
+    check_writable(spec.config.results_dir)
     check_cache_dir(spec.config.cache_path)
+    tasks = [UnitTask(spec, unit, show_progress=show_progress, run_matrix=run_matrix) for unit in units]
     report = SuiteReport()
     start = time.perf_counter()
-    pending: list[RunConfig] = []
-    for unit in units:
-        if not _run_unit(spec, unit, report, console, show_progress, run_matrix, wait=False):
-            pending.append(unit)
-    for unit in pending:
-        console.print(f"[yellow]waiting[/] for another suite running {unit.defense} seed {unit.seed}")
-        _run_unit(spec, unit, report, console, show_progress, run_matrix, wait=True)
+    if executor is None:
+        run_locally(tasks, report, console)
+    else:
+        executor.run(tasks, report, console)
     report.wall_seconds = time.perf_counter() - start
     return report
+
+
+def run_locally(units: Sequence[UnitTask], report: SuiteReport, console: Console) -> None:
+    """The local executor: each unit in this process, one after another.
+
+    Units another suite is running are passed over first, then waited for: when
+    their lock frees, whatever that suite did not finish is run here.
+    """
+    pending: list[UnitTask] = []
+    for task in units:
+        part = task(wait=False, console=console)
+        if part is None:
+            pending.append(task)
+        else:
+            report.merge(part)
+    for task in pending:
+        console.print(f"[yellow]waiting[/] for another suite running {task.label}")
+        part = task(wait=True, console=console)
+        assert part is not None  # a unit that waits for its lock always runs
+        report.merge(part)
 
 
 def _label(unit: RunConfig) -> str:

@@ -109,6 +109,32 @@ def cache_key(inputs: dict[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
+def entry_path(cache_dir: Path, kind: str, inputs: dict[str, object]) -> Path:
+    """The folder of the entry for `inputs`, whether or not it exists yet."""
+    return Path(cache_dir) / kind / cache_key(inputs)
+
+
+def has_entry(entry: Path) -> bool:
+    """Whether `entry` is complete and holds exactly what its marker lists, without loading or building it.
+
+    `cached` would use such an entry unless it then failed to load.
+    """
+    return (entry / COMPLETE_MARKER).is_file() and check_entry(entry) is None
+
+
+def entry_digest(entry: Path) -> str | None:
+    """A digest of the files `entry` holds, as its marker lists them; None where it has no complete marker.
+
+    It names what was built, not what it was built from: work keyed by it is not reused for
+    an entry rebuilt with other contents. Reads the marker only; `has_entry` checks the files.
+    """
+    try:
+        files = json.loads((entry / COMPLETE_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cache_key({"files": files}) if isinstance(files, dict) else None
+
+
 def cached(
     cache_dir: Path,
     kind: str,
@@ -121,8 +147,8 @@ def cached(
     Returns:
         (loaded object, whether it came from the cache, entry folder)
     """
-    key = cache_key(inputs)
-    entry = cache_dir / kind / key
+    entry = entry_path(cache_dir, kind, inputs)
+    key = entry.name
     if (entry / COMPLETE_MARKER).is_file():
         problem = check_entry(entry)
         if problem is None:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.interrupts import raise_if_interrupted
 
 Advance = Callable[[int], None]
@@ -38,6 +39,8 @@ class StageTimer:
     def __init__(self, console: Console | None = None, *, show: bool = True) -> None:
         self.console = console or Console(stderr=True)
         self.timings: dict[str, float] = {}
+        # Peak accelerator memory per stage (MB); stays empty on the CPU.
+        self.memory_mb: dict[str, float] = {}
         self._log_lines = show and not self.console.is_terminal
         self._started = time.perf_counter()
         self._progress = Progress(
@@ -69,6 +72,8 @@ class StageTimer:
         # Stage boundaries are where an interrupt that a library swallowed surfaces again.
         raise_if_interrupted()
         task = self._progress.add_task(name, total=total, info="")
+        compute = current_compute()
+        compute.reset_peak_memory()
         start = time.perf_counter()
         last_log = start
         self._log(f"{name}: started" + (f", {total} steps" if total else ""))
@@ -96,6 +101,9 @@ class StageTimer:
         finally:
             took = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + took
+            peak = compute.peak_memory_mb()
+            if peak is not None:
+                self.memory_mb[name] = max(peak, self.memory_mb.get(name, 0.0))
             if self._progress.tasks[task].total is None:
                 self._progress.update(task, total=1, completed=1)
             else:

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.convert import SEED_RANGE
 from benchmark.pipeline.models.diffusion import DiffusionModel
 
@@ -66,6 +67,8 @@ class TrainingState:
     epoch: int = 0
     step: int = 0
     notes: dict[str, object] = field(default_factory=dict)
+    # fp16 only: scales the loss so small gradients survive, and unscales before the step.
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def make_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """The recipe's optimizer (AdamW, its learning rate and weight decay) over `parameters`."""
@@ -99,7 +102,7 @@ class TrainingHooks:
     Order of calls in `train`: `recipe` and `training_data` once, `setup` once (after the
     default parameters and optimizer exist), then per epoch `batches`, and per
     batch `captions` (only where `transforms_captions`), `context`, `transform`,
-    `screen` (only where `screens_examples`) and `optimizer_step` (or
+    `screen` (only where `screens_examples`), `backward` and `optimizer_step` (or
     `empty_batch_step`), then `end_epoch`; finally `finish`, and `details` for the record.
     """
 
@@ -141,13 +144,25 @@ class TrainingHooks:
 
     def screen(self, step: NoisedStep, state: TrainingState) -> torch.Tensor:
         """Per-example weight (N,) of this step's loss, 1 to train on an example and 0 to drop it."""
-        return torch.ones(len(step.noisy))
+        return torch.ones(len(step.noisy), device=step.noisy.device)
+
+    def backward(self, losses: torch.Tensor, state: TrainingState) -> None:
+        """Gradients of the batch's mean loss from its per-example `losses` (N,); fp16 scales the loss first."""
+        loss = losses.mean()
+        (loss if state.grad_scaler is None else state.grad_scaler.scale(loss)).backward()
 
     def optimizer_step(self, state: TrainingState) -> bool:
         """Update after `backward()`; return whether a (logical) optimizer step was taken."""
+        scaler = state.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(state.optimizer)
         if state.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(state.parameters, state.config.max_grad_norm)
-        state.optimizer.step()
+        if scaler is None:
+            state.optimizer.step()
+        else:
+            scaler.step(state.optimizer)
+            scaler.update()
         return True
 
     def empty_batch_step(self, state: TrainingState) -> bool:
@@ -180,6 +195,7 @@ class ComposedHooks(TrainingHooks):
         self.transforms_captions = any(h.transforms_captions for h in self.hooks)
         self.screens_examples = any(h.screens_examples for h in self.hooks)
         self._stepper = self._owner("optimizer_step")
+        self._backward = self._owner("backward")
         self._sampler = self._owner("batches")
         self._empty = self._owner("empty_batch_step")
 
@@ -224,11 +240,14 @@ class ComposedHooks(TrainingHooks):
         return context
 
     def screen(self, step: NoisedStep, state: TrainingState) -> torch.Tensor:
-        weights = torch.ones(len(step.noisy))
+        weights = torch.ones(len(step.noisy), device=step.noisy.device)
         for hook in self.hooks:
             if hook.screens_examples:
                 weights = weights * hook.screen(step, state)
         return weights
+
+    def backward(self, losses: torch.Tensor, state: TrainingState) -> None:
+        self._backward.backward(losses, state)
 
     def optimizer_step(self, state: TrainingState) -> bool:
         return self._stepper.optimizer_step(state)
@@ -266,12 +285,14 @@ def diffusion_loss(
     a dropped example keeps its place in the batch, so the mean (and a DP-SGD
     per-example gradient) is still over the whole batch.
     """
-    noise = torch.randn(latents.shape, generator=generator)
+    # Drawn on the CPU's generator, then moved: a seed names the same noise on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     timesteps = torch.randint(
         0, model.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
+    ).to(latents.device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
+    with current_compute().autocast():
+        prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
     if model.noise_scheduler.config.prediction_type == "v_prediction":
         target = model.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -307,10 +328,15 @@ def train(
         raise ValueError("cannot train on an empty set")
     hooks = hooks if hooks is not None else TrainingHooks()
     config = hooks.recipe(config)
+    compute = current_compute()
+    model.place(compute)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images, captions = hooks.training_data(images, captions, seed=config.seed)
     model.unet.train()
+    checkpointing = compute.gradient_checkpointing and getattr(model.unet, "_supports_gradient_checkpointing", False)
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
     model.text_encoder.train(config.train_text_encoder)
     model.text_encoder.requires_grad_(config.train_text_encoder)
     params = [p for p in model.unet.parameters() if p.requires_grad]
@@ -324,6 +350,7 @@ def train(
         captions=captions,
         config=config,
         generator=generator,
+        grad_scaler=compute.grad_scaler(),
     )
     try:
         hooks.setup(state)
@@ -337,6 +364,8 @@ def train(
     else:
         hooks.finish(state)
     finally:
+        if checkpointing:
+            model.unet.disable_gradient_checkpointing()
         model.unet.eval()
         model.text_encoder.eval()
         model.text_encoder.requires_grad_(False)
@@ -374,7 +403,9 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
                 if config.caption_dropout > 0:
                     drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
                 if frozen_context is not None and empty_context is not None:
-                    context = torch.where(drop[:, None, None], empty_context, frozen_context[idx])
+                    context = torch.where(
+                        drop[:, None, None].to(frozen_context.device), empty_context, frozen_context[idx]
+                    )
                 else:
                     batch_captions = [captions[i] for i in idx.tolist()]
                     if hooks.transforms_captions:
@@ -389,9 +420,8 @@ def _loop(state: TrainingState, hooks: TrainingHooks, on_step: StepCallback | No
                     latents = model.images_to_latents(hooks.transform(images[idx], state))
                 screen = partial(hooks.screen, state=state) if hooks.screens_examples else None
                 losses = diffusion_loss(model, latents, context, generator, reduction="none", screen=screen)
-                loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                hooks.backward(losses, state)
                 pending.append(losses.detach())
                 stepped = hooks.optimizer_step(state)
             if not stepped:

@@ -378,6 +378,13 @@ class Provenance:
     interop_threads: int | None = None
     processor: str | None = None
     deterministic_algorithms: bool | None = None
+    # Where and how the networks ran (None in records written before devices were chosen):
+    # the device ("cpu", "cuda:0"), its name (the GPU model), the autocast precision and
+    # whether UNet activations were recomputed.
+    device: str | None = None
+    device_name: str | None = None
+    precision: str | None = None
+    gradient_checkpointing: bool | None = None
 
 
 @dataclass
@@ -402,6 +409,8 @@ class ResultRecord:
     timings_s: dict[str, float]
     peak_memory_mb: float
     control: PrivacyMetrics | None = None
+    # Peak accelerator memory per stage (MB); None on the CPU, where `peak_memory_mb` says it all.
+    accelerator_memory_mb: dict[str, float] | None = None
     # The model-free baseline: the same attack model on query-image features alone.
     baseline: PrivacyMetrics | None = None
     # FID, KID and CLIP score of the target, with the feature network and sample counts.
@@ -462,6 +471,7 @@ class ResultRecord:
             "privacy": self.privacy.to_dict(),
             "timings_s": self.timings_s,
             "peak_memory_mb": self.peak_memory_mb,
+            **({} if self.accelerator_memory_mb is None else {"accelerator_memory_mb": self.accelerator_memory_mb}),
             "control": None if self.control is None else self.control.to_dict(),
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "utility": None if self.utility is None else self.utility.to_dict(),
@@ -491,6 +501,7 @@ class ResultRecord:
             privacy=privacy_from_dict(data["privacy"]),
             timings_s=dict(data["timings_s"]),
             peak_memory_mb=data["peak_memory_mb"],
+            accelerator_memory_mb=data.get("accelerator_memory_mb"),
             control=None if control is None else privacy_from_dict(control),
             baseline=None if baseline is None else privacy_from_dict(baseline),
             utility=None if utility is None else UtilityRecord.from_dict(utility),
@@ -573,7 +584,10 @@ def _safe(part: str) -> str:
 
 def provenance(
     libraries: tuple[str, ...] = ("torch", "diffusers", "transformers", "numpy", "scikit-learn"),
+    *,
+    compute: dict[str, object] | None = None,
 ) -> Provenance:
+    """Where a record was made; `compute` is `Compute.describe()` of the run (device, precision)."""
     from importlib import metadata
 
     import torch  # here, not at the top: reading records (the leaderboard) must not load torch
@@ -596,6 +610,7 @@ def provenance(
         interop_threads=torch.get_num_interop_threads(),
         processor=processor_model(),
         deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        **(compute or {}),  # type: ignore[arg-type]
     )
 
 

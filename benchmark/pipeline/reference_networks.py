@@ -6,6 +6,9 @@ contrastively on the public split and cached in `save_pretrained` format. Its ow
 zero-shot caption retrieval accuracy on held-out public data is recorded, so a
 reader can judge the ruler. `--clip-model DIR` loads a local CLIP folder instead,
 and `--fid-weights PATH` loads torch-fidelity's Inception network for FID/KID.
+
+They run on the active device (`benchmark.kernel.compute`) but always in fp32, never
+under autocast: a ruler must not change with the `--precision` of the model it measures.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.kernel.cache import cached
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.convert import SEED_RANGE
 from benchmark.kernel.errors import ConfigError, ModelError, why_not_a_folder
 from benchmark.pipeline.models.tiny import TinyModelConfig, build_tokenizer
@@ -148,7 +152,8 @@ def train_reference_clip(
             tokenizer_vocab_size=training.tokenizer_vocab_size, max_caption_tokens=training.max_caption_tokens
         ),
     )
-    model = CLIPModel(_clip_config(tokenizer, training))
+    model = current_compute().place(CLIPModel(_clip_config(tokenizer, training)))
+    device = model.device
     pixels = _pixels(images, training.image_size)
     tokens = _tokens(tokenizer, captions, training.max_caption_tokens)
     optimiser = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=0.01)
@@ -159,10 +164,11 @@ def train_reference_clip(
     losses: list[float] = []
     for step in range(training.steps):
         batch = torch.from_numpy(rng.choice(train_idx, size=min(training.batch_size, len(train_idx)), replace=False))
+        # Batches are drawn by the CPU's generator (numpy), then moved: the same batches on every device.
         out = model(
-            input_ids=tokens.input_ids[batch],
-            attention_mask=tokens.attention_mask[batch],
-            pixel_values=pixels[batch],
+            input_ids=tokens.input_ids[batch].to(device),
+            attention_mask=tokens.attention_mask[batch].to(device),
+            pixel_values=pixels[batch].to(device),
             return_loss=True,
         )
         optimiser.zero_grad()
@@ -191,8 +197,11 @@ def retrieval_accuracy(
 ) -> dict[str, float | int]:
     """Zero-shot caption retrieval: for each image, is its own caption the closest of all candidates?"""
     tokens = _tokens(tokenizer, captions, max_length)
-    image = _features(model.get_image_features(pixel_values=pixels))
-    text = _features(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+    device = model.device
+    image = _features(model.get_image_features(pixel_values=pixels.to(device)))
+    text = _features(
+        model.get_text_features(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+    )
     sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     ranks = (sims > sims.diag()[:, None]).sum(dim=1)
     n = len(captions)
@@ -303,7 +312,7 @@ def load_clip_folder(folder: Path) -> ClipBundle:
     folder = check_clip_folder(folder)
     weights = _weights_file(folder)
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        model = current_compute().place(CLIPModel.from_pretrained(folder, local_files_only=True).eval())
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(
@@ -338,7 +347,10 @@ class ClipAdapter(nn.Module):
 
 
 class ClipImageFeatures(nn.Module):
-    """Feature network for torchmetrics FID/KID: (N, 3, H, W) floats in [0, 1] -> CLIP image embeddings."""
+    """Feature network for torchmetrics FID/KID: (N, 3, H, W) floats in [0, 1] -> CLIP image embeddings.
+
+    Runs where the CLIP model is; the features come back on the images' device.
+    """
 
     def __init__(self, bundle: ClipBundle) -> None:
         super().__init__()
@@ -349,14 +361,15 @@ class ClipImageFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1))
         self.num_features = int(bundle.model.config.projection_dim)
+        self.to(bundle.model.device)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+        x = images.float().to(self.model.device)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
         x = (x - self.mean) / self.std
-        return _features(self.model.get_image_features(pixel_values=x))
+        return _features(self.model.get_image_features(pixel_values=x)).to(images.device)
 
 
 def fidelity_inception() -> type[nn.Module]:
@@ -419,15 +432,19 @@ class InceptionFeatures(nn.Module):
         check_fid_weights(weights)
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[str(INCEPTION_FEATURES)],
-            feature_extractor_weights_path=str(Path(weights).expanduser()),
+        self.net = current_compute().place(
+            NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=[str(INCEPTION_FEATURES)],
+                feature_extractor_weights_path=str(Path(weights).expanduser()),
+            )
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.net.parameters()).device
         # What torchmetrics does with [0, 1] input (normalize=True) for its own Inception.
-        return self.net((images * 255).byte()).reshape(len(images), -1)
+        features = self.net((images.to(device) * 255).byte()).reshape(len(images), -1)
+        return features.to(images.device)
 
 
 def check_fid_weights(path: Path) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from benchmark.pipeline.reference_networks import (
     ClipImageFeatures,
     InceptionFeatures,
     ReferenceClipTraining,
+    _weights_file,
     check_clip_folder,
     check_fid_weights,
     load_clip_folder,
@@ -161,9 +162,12 @@ def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str]
     """torchmetrics' CLIPScore: max(100 x mean cosine(image, caption), 0); images (N, 3, H, W) in [0, 1]."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=lambda: (ClipAdapter(bundle.model), bundle.processor))
+    device = bundle.model.device
+    # On the model's device: torchmetrics moves the model to wherever the images are.
+    metric = CLIPScore(model_name_or_path=lambda: (ClipAdapter(bundle.model), bundle.processor)).to(device)
     # uint8, as torchmetrics expects: the processor rescales by 1/255 (and resizes through PIL).
-    metric.update(list((images * 255.0).round().clamp(0, 255).to(torch.uint8)), list(captions))
+    uint8 = (images * 255.0).round().clamp(0, 255).to(torch.uint8)
+    metric.update([image.to(device) for image in uint8], list(captions))
     return float(metric.compute())
 
 
@@ -295,8 +299,9 @@ def measure(
         feature_name = f"{bundle.name} image embeddings"
         feature_hash = bundle.weights_sha256
     with torch.no_grad():
-        real_features = feature(real).double()
-        fake_features = feature(fake).double()
+        # The feature network computes where it was placed; the features come back to the CPU.
+        real_features = feature(real).cpu().double()
+        fake_features = feature(fake).cpu().double()
     fid, kid_mean, kid_std = fid_kid(
         real_features,
         fake_features,
@@ -305,11 +310,13 @@ def measure(
         kid_subsets=settings.kid_subsets,
         seed=settings.seed,
     )
-    uint8 = list((fake * 255.0).round().clamp(0, 255).to(torch.uint8))
+    # On the CLIP model's device: torchmetrics moves the model to wherever the images are.
+    uint8 = [image.to(bundle.model.device) for image in (fake * 255.0).round().clamp(0, 255).to(torch.uint8)]
     with torch.no_grad():
         per_image, _ = _clip_score_update(
             uint8, list(captions) * generations, ClipAdapter(bundle.model), bundle.processor
         )
+    per_image = per_image.cpu()
     # torchmetrics' CLIPScore: the mean of 100 x cosine, clipped at 0.
     score = max(float(per_image.mean()), 0.0)
     samples = UtilitySamples(
@@ -406,6 +413,36 @@ def measure_utility(
     if progress is not None:
         progress(info="measured")
     return result
+
+
+# Part of the keys of utility results kept on disk: raise it when a change here changes a figure.
+PROTOCOL_VERSION = 1
+
+
+def protocol_identity(
+    settings: UtilitySettings, *, training: ReferenceClipTraining, public: dict[str, object] | None
+) -> dict[str, object]:
+    """What `measure_utility` measures with, named before anything is generated (a cache key's part).
+
+    The reference CLIP is named by what trains it (`public`: the public split's fingerprint); a
+    user's CLIP folder or FID weights by the sha256 of the weights, since a path may hold other
+    weights tomorrow.
+    """
+    from importlib.metadata import version
+
+    clip: dict[str, object] = (
+        {"reference": {"public": public, "training": training.to_dict()}}
+        if settings.clip_model is None
+        else {"weights_sha256": sha256_file(_weights_file(check_clip_folder(settings.clip_model)))}
+    )
+    return {
+        "version": PROTOCOL_VERSION,
+        **{k: v for k, v in asdict(settings).items() if k not in ("clip_model", "fid_weights")},
+        "generation_seeds": generation_seeds(settings),
+        "clip_model": clip,
+        "fid_weights": None if settings.fid_weights is None else sha256_file(Path(settings.fid_weights).expanduser()),
+        "packages": {name: version(name) for name in ("torch", "torchmetrics", "transformers")},
+    }
 
 
 def generation_seeds(settings: UtilitySettings) -> list[int]:

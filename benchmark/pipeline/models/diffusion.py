@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +19,16 @@ import transformers.utils.logging
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from benchmark.kernel.compute import Compute
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.errors import ModelError, why_not_a_folder
 from benchmark.pipeline.data.base import images_to_tensor, tensor_to_images
 from benchmark.pipeline.models.sampling import SamplingBatch, SamplingHooks
 from benchmark.pipeline.models.weights import check_weights
 from benchmark.pipeline.target import BlackBoxTarget, GrayBoxTarget, SamplingConfig
 
+# Images per VAE encoder call.
+VAE_CHUNK = 16
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHTS_SUBFOLDERS = ("unet", "text_encoder", "vae")
 
@@ -55,17 +60,30 @@ class DiffusionModel:
     def resolution(self) -> int:
         return int(self.unet.config.sample_size) * self.latent_scale
 
+    @property
+    def device(self) -> torch.device:
+        # From a parameter, not `unet.device`: during training the UNet may be wrapped (PEFT, Opacus).
+        return next(self.unet.parameters()).device
+
+    def place(self, compute: Compute | None = None) -> DiffusionModel:
+        """Every network of the model on the active (or given) device; weights keep their fp32 masters."""
+        compute = compute or current_compute()
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                compute.place(module)
+        return self
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return self.text_context(captions)
 
     def text_context(self, captions: list[str]) -> torch.Tensor:
         """The text encoder's hidden states for `captions`, with gradients where the encoder trains."""
-        return self.text_encoder(self._tokens(captions).input_ids)[0]
+        return self.text_encoder(self._tokens(captions).input_ids.to(self.text_encoder.device))[0]
 
     def token_mask(self, captions: list[str]) -> torch.Tensor:
         """(N, tokens) bool: which positions of each caption's context are its own tokens, not padding."""
-        return self._tokens(captions).attention_mask.bool()
+        return self._tokens(captions).attention_mask.bool().to(self.text_encoder.device)
 
     def _tokens(self, captions: list[str]) -> object:
         return self.tokenizer(
@@ -78,13 +96,19 @@ class DiffusionModel:
 
     def images_to_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space the UNet denoises."""
+        images = images.to(self.device)
         if self.vae is None:
             return images
+        # The VAE runs outside autocast (Stable Diffusion's VAE overflows in fp16), in chunks:
+        # at 512 px its activations for a few dozen images fill a GPU.
         with torch.no_grad():
-            latents = self.vae.encode(images).latent_dist.sample()
+            latents = torch.cat(
+                [self.vae.encode(chunk.to(self.vae.dtype)).latent_dist.sample() for chunk in images.split(VAE_CHUNK)]
+            )
         return latents * self.vae.config.scaling_factor
 
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.float()
         if self.vae is None:
             return latents.clamp(-1, 1)
         with torch.no_grad():
@@ -169,7 +193,10 @@ def load_model(path: Path) -> DiffusionModel:
     text_encoder.requires_grad_(False)
     if vae is not None:
         vae.requires_grad_(False)
-    return DiffusionModel(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler, vae=vae)
+    model = DiffusionModel(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler, vae=vae
+    )
+    return model.place()
 
 
 @torch.no_grad()
@@ -195,12 +222,39 @@ def generate(
     outputs = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        latents = torch.randn((len(chunk), channels, size, size), generator=generator)
+        # Drawn on the CPU, then moved: a seed names the same starting noise on every device.
+        latents = torch.randn((len(chunk), channels, size, size), generator=generator).to(model.device)
         latents = latents * scheduler.init_noise_sigma
-        latents = _sample(model, scheduler, latents, chunk, uncond, scheduler.timesteps, guidance_scale)
-        outputs.append(model.latents_to_images(latents))
+        images = _fitting(
+            lambda sub, lat: model.latents_to_images(
+                _sample(model, scheduler, lat, sub, uncond, scheduler.timesteps, guidance_scale)
+            ),
+            chunk,
+            latents,
+        )
+        outputs.append(images)
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+def _fitting(
+    run: Callable[[list[str], torch.Tensor], torch.Tensor], captions: list[str], latents: torch.Tensor
+) -> torch.Tensor:
+    """`run` over one batch, halved and retried where the accelerator runs out of memory.
+
+    The batch's noise is drawn before the split, so the images do not depend on
+    where it was split; results come back to the CPU.
+    """
+    try:
+        return run(captions, latents).float().cpu()
+    except torch.OutOfMemoryError:
+        if len(captions) == 1 or latents.device.type == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        half = len(captions) // 2
+        return torch.cat(
+            [_fitting(run, captions[:half], latents[:half]), _fitting(run, captions[half:], latents[half:])]
+        )
 
 
 def _sample(
@@ -245,10 +299,13 @@ def _denoise(
 ) -> torch.Tensor:
     """DDIM from `latents` over `timesteps`; with guidance, `context` is [uncond; cond]."""
     use_cfg = guidance_scale != 1.0
+    autocast = current_compute().autocast
     for t in timesteps:
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        prediction = unet(model_in, t, encoder_hidden_states=context).sample
+        with autocast():
+            # The scheduler's arithmetic stays fp32; only the UNet runs in the autocast dtype.
+            prediction = unet(model_in, t, encoder_hidden_states=context).sample.float()
         if use_cfg:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + guidance_scale * (cond - uncond)
@@ -296,10 +353,16 @@ def img2img(
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
         init = model.images_to_latents(images[start : start + batch_size].float())
-        noise = torch.randn(init.shape, generator=generator)
-        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(chunk)))
-        latents = _sample(model, scheduler, latents, chunk, uncond, timesteps, guidance_scale)
-        outputs.append(model.latents_to_images(latents))
+        noise = torch.randn(init.shape, generator=generator).to(init.device)
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(chunk)).to(init.device))
+        images_out = _fitting(
+            lambda sub, lat: model.latents_to_images(
+                _sample(model, scheduler, lat, sub, uncond, timesteps, guidance_scale)
+            ),
+            chunk,
+            latents,
+        )
+        outputs.append(images_out)
     unet.train(was_training)
     return torch.cat(outputs)
 
@@ -365,23 +428,24 @@ def predict_noise(
     alphas = scheduler.alphas_cumprod
     for start in range(0, len(captions), batch_size):
         stop = start + batch_size
-        x = images[start:stop].float()
+        x = images[start:stop].float().to(model.device)
         if model.vae is None:
             latents = x
         else:
             latents = model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor
-        eps, t = noise[start:stop], timesteps[start:stop]
+        eps, t = noise[start:stop].to(latents.device), timesteps[start:stop].to(latents.device)
         noisy = scheduler.add_noise(latents, eps, t)
-        out = unet(noisy, t, encoder_hidden_states=model.encode_text(captions[start:stop])).sample
+        with current_compute().autocast():
+            out = unet(noisy, t, encoder_hidden_states=model.encode_text(captions[start:stop])).sample.float()
         if scheduler.config.prediction_type == "v_prediction":
-            a = alphas[t].sqrt().view(-1, 1, 1, 1)
-            s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+            a = alphas.to(t.device)[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - alphas.to(t.device)[t]).sqrt().view(-1, 1, 1, 1)
             out = a * out + s * noisy
         elif scheduler.config.prediction_type != "epsilon":
             raise ModelError(
                 f"gray-box access needs an epsilon or v-prediction model, not {scheduler.config.prediction_type!r}"
             )
-        outputs.append(out.float())
+        outputs.append(out.float().cpu())
     unet.train(was_training)
     return torch.cat(outputs)
 

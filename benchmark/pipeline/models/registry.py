@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark.kernel.cache import cached
+from benchmark.kernel.cache import cached, entry_path, has_entry
+from benchmark.kernel.compute import current as current_compute
 from benchmark.kernel.errors import ConfigError, ModelError
 from benchmark.kernel.registry import Registry
 from benchmark.pipeline.data.base import ImageTextDataset, images_to_tensor
@@ -68,18 +69,44 @@ def check_tiny(settings: ModelSettings) -> None:
         raise ConfigError("the tiny model is pretrained on the public split: --public must be >= 1")
 
 
-@MODELS.register("tiny", check=check_tiny, needs_public_data=True)
-def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
-    """Embedded tiny pixel-space model, pretrained on the public split and cached."""
+TINY_CACHE_KIND = "base-tiny"
+
+
+def tiny_model_inputs(request: BaseModelRequest) -> dict[str, object]:
+    """Everything that shapes the tiny model's weights: its cache key, for `tiny_model` and `locate_tiny` alike."""
     ds = request.dataset
-    inputs = {
+    return {
         "dataset": ds.describe(),
         "public": list(request.public_indices),
         "resolution": request.resolution,
         "pretrain": request.pretrain.to_dict(),
         "architecture": request.tiny.to_dict(),
         "torch": torch.__version__.split("+")[0],
+        # Pretrained under the run's precision: a bf16 run has its own base model.
+        **current_compute().identity(),
     }
+
+
+def _tiny_description(request: BaseModelRequest, inputs: dict[str, object]) -> dict[str, object]:
+    return {"name": "tiny", "version": "1", **inputs, "dataset": request.dataset.name}
+
+
+def locate_tiny(request: BaseModelRequest) -> BaseModel:
+    """The tiny model `tiny_model` would return, without pretraining or loading it.
+
+    Its folder is where the cache entry is or will be; `from_cache` says whether a valid one is there.
+    """
+    inputs = tiny_model_inputs(request)
+    entry = entry_path(request.cache_dir, TINY_CACHE_KIND, inputs)
+    return BaseModel(model_dir=entry, from_cache=has_entry(entry), description=_tiny_description(request, inputs))
+
+
+# `locate`: the base model a request names, without training it or writing anything (a suite's plan).
+@MODELS.register("tiny", check=check_tiny, needs_public_data=True, locate=locate_tiny)
+def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
+    """Embedded tiny pixel-space model, pretrained on the public split and cached."""
+    ds = request.dataset
+    inputs = tiny_model_inputs(request)
 
     def build(folder: Path) -> None:
         captions = [ds.caption(i) for i in request.public_indices]
@@ -94,10 +121,8 @@ def tiny_model(request: BaseModelRequest, on_step: StepCallback | None = None) -
         load_model(folder)  # a corrupt entry fails here and gets rebuilt
         return folder
 
-    folder, hit, _ = cached(request.cache_dir, "base-tiny", inputs, build, check)
-    return BaseModel(
-        model_dir=folder, from_cache=hit, description={"name": "tiny", "version": "1", **inputs, "dataset": ds.name}
-    )
+    folder, hit, _ = cached(request.cache_dir, TINY_CACHE_KIND, inputs, build, check)
+    return BaseModel(model_dir=folder, from_cache=hit, description=_tiny_description(request, inputs))
 
 
 def check_local_folder(settings: ModelSettings) -> None:
@@ -109,7 +134,8 @@ def check_local_folder(settings: ModelSettings) -> None:
     check_model_folder(settings.path)
 
 
-@MODELS.register("sd15", check=check_local_folder)
+# Located by reading the folder (nothing is trained or written): its identity is in its files.
+@MODELS.register("sd15", check=check_local_folder, locate=lambda request: local_folder_model(request))
 def local_folder_model(request: BaseModelRequest, on_step: StepCallback | None = None) -> BaseModel:
     """Stable Diffusion v1-5 (or any diffusers text-to-image folder) from --model-path."""
     check_local_folder(ModelSettings(path=request.model_path, resolution=request.resolution, public=0))
