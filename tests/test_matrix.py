@@ -1,7 +1,8 @@
 """The full attack matrix on the micro preset: four scenarios x three attack models, one target.
 
-Runs on the session micro run's cache (base model, target and the scenario-III
-shadow are reused), so only the scenario-I/II shadow and the captioners are new.
+Runs on the session micro run's cache (base model, target, its utility and ground-truth
+scores, and the scenario-III shadow are reused), so only the scenario-I/II shadow and the
+captioners are new.
 """
 
 from __future__ import annotations
@@ -71,17 +72,18 @@ def test_scoring_is_shared_between_attack_models_and_scenarios(matrix) -> None: 
     # set (ground truth in I/III, the scenario's captioner in II/IV).
     shadow_sets = [c for name, c in calls if name == "shadow"]
     assert 2 <= len(shadow_sets) <= 4
-    # Target and base model: ground truth once (I and III share it), plus the captions of II's
-    # and IV's captioners (one scoring if the two captioners agree on every query).
+    # Target and base model: the ground truth (which I and III share) was scored by the session's
+    # micro run and kept on disk (same target, base model and queries), so only the captions of II's
+    # and IV's captioners are scored here (once if the two captioners agree on every query).
     target_sets = {c for name, c in calls if name == "target"}
-    assert 2 <= len(target_sets) <= 3
-    # The base model's control on the ground-truth captions was kept on disk by the session's
-    # micro run (same base model and queries), so only the captioners' captions are scored here.
+    assert 1 <= len(target_sets) <= 2
+    truth = next(tuple(o.record.attack.captions) for o in outcomes if o.record.scenario == "I")
+    assert truth not in target_sets
     base_sets = {c for name, c in calls if name == "base"}
-    assert base_sets < target_sets and len(target_sets - base_sets) == 1
+    assert base_sets == target_sets
     assert len(calls) == len(shadow_sets) + len(target_sets) + len(base_sets)
     by_cell = {(o.record.scenario, o.record.attack.attack_model): o.record for o in outcomes}
-    if len(target_sets) == 2:  # the captioners agreed, so II and IV share the target's scores
+    if len(target_sets) == 1:  # the captioners agreed, so II and IV share the target's scores
         assert by_cell[("II", "threshold")].attack.scores == by_cell[("IV", "threshold")].attack.scores
     for scenario in Scenario:
         records = [by_cell[(scenario.value, a)] for a in MODELS]

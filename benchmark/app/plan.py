@@ -353,7 +353,7 @@ class _Walk:
     """What the suite has made so far as its units run in order: the cache as it will be."""
 
     cache_dir: Path
-    # Cache keys (or folders) of base models, fine-tunes, control scores and base-model utilities made so far.
+    # Cache keys (or folders, or names) of base models, fine-tunes, scores and utilities made so far.
     made: set[str] = field(default_factory=set)
     calibration_base: tuple[RunConfig, stages.RunData, BaseModel] | None = None
     # Located base models by request: a user folder's is read from disk, once.

@@ -587,7 +587,7 @@ def cached_target_identity(
         "fine_tune": fine_tune.name,
         # A rebuilt entry whose training came out otherwise names other weights.
         "weights": weights,
-        # Generation-time settings share the plain recipe's fine-tune but not its samples.
+        # The whole defense, not only what shaped the weights: defenses that share a fine-tune may sample it apart.
         "defense": defense.describe(),
         "sampling": config.sampling.to_dict(),
         **current_compute().identity(),
