@@ -84,6 +84,13 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
 
 
 @pytest.fixture(scope="session")
+def overfit_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for every test on `factories.overfit_micro`'s target: the undefended overfit
+    fine-tune (and its shadow) is trained once per session, as a suite's cache would keep it."""
+    return tmp_path_factory.mktemp("overfit-cache")
+
+
+@pytest.fixture(scope="session")
 def scene_captions() -> list[str]:
     from benchmark.pipeline.data.scenes import ScenesDataset
 

@@ -15,8 +15,8 @@ from benchmark.pipeline.finetune import TrainConfig
 from tests.factories import overfit_micro
 
 
-def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
-    config = overfit_micro(tmp_path)
+def test_undefended_overfit_model_leaks_membership(tmp_path: Path, overfit_cache_dir: Path) -> None:
+    config = overfit_micro(tmp_path, cache_dir=overfit_cache_dir)
     record = run(config, show_progress=False).record
     auc = record.privacy.auc
     control = None if record.control is None else record.control.auc
@@ -35,11 +35,11 @@ def test_undefended_overfit_model_leaks_membership(tmp_path: Path) -> None:
     assert brief_auc is not None and auc >= brief_auc + 0.15, f"400 epochs: AUC {auc:.3f}; 10 epochs: {brief_auc:.3f}"
 
 
-def test_loss_attack_leaks_on_overfit_model(tmp_path: Path) -> None:
+def test_loss_attack_leaks_on_overfit_model(tmp_path: Path, overfit_cache_dir: Path) -> None:
     """The gray-box loss attack (t ~ 450 of 1000, 3 (t, eps) pairs) on the same overfit target:
     members' denoising error is clearly lower; on the base model (control) it is not."""
     # One generation per query and the default sampling steps: this attack generates nothing.
-    config = overfit_micro(tmp_path, attack="loss", utility_metrics=False)
+    config = overfit_micro(tmp_path, attack="loss", utility_metrics=False, cache_dir=overfit_cache_dir)
     record = run(config, show_progress=False).record
     auc = record.privacy.auc
     control = None if record.control is None else record.control.auc

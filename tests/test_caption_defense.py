@@ -282,7 +282,7 @@ def test_micro_run_records_the_changes(micro_run, tmp_path: Path) -> None:  # ty
         pytest.param(1, marks=pytest.mark.slow),
     ],
 )
-def test_caption_randomisation_lowers_the_attack_auc(seed: int, tmp_path: Path) -> None:
+def test_caption_randomisation_lowers_the_attack_auc(seed: int, tmp_path: Path, overfit_cache_dir: Path) -> None:
     """Scenario III (ground-truth captions) on a target that clearly leaks undefended.
 
     The recipe is test_attack_signal's overfit one (8 members, 400 epochs). Training
@@ -292,8 +292,8 @@ def test_caption_randomisation_lowers_the_attack_auc(seed: int, tmp_path: Path) 
     Measured (CPU, one thread): seed 0: none 0.980, captions.all 0.816; seed 1: none
     0.977, captions.all 0.918. captions.replace alone is weaker (0.852 and 0.965).
     """
-    # The cache is shared: both runs fine-tune the same base model.
-    config = overfit_micro(tmp_path, seed=seed, control=False, utility_metrics=False)
+    # The cache is shared with test_attack_signal's: the undefended target is trained once.
+    config = overfit_micro(tmp_path, seed=seed, control=False, utility_metrics=False, cache_dir=overfit_cache_dir)
     aucs = {}
     for defense in ("none", "captions.all"):
         record = run(config.replace(defense=defense, results_dir=tmp_path / defense), show_progress=False).record

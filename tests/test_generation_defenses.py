@@ -256,7 +256,7 @@ def test_generation_defense_shares_the_plain_fine_tune_and_records_its_work(micr
     assert record.utility.base_model == none.utility.base_model  # the control is not defended
 
 
-def test_inference_mitigation_lowers_the_black_box_attack_only(tmp_path: Path) -> None:
+def test_inference_mitigation_lowers_the_black_box_attack_only(tmp_path: Path, overfit_cache_dir: Path) -> None:
     """Wen et al.'s prompt-embedding fix on a micro target that clearly leaks (scenario III).
 
     The black-box attack (Pang & Wang) must fall by MARGIN; the gray-box loss attack, which
@@ -268,7 +268,7 @@ def test_inference_mitigation_lowers_the_black_box_attack_only(tmp_path: Path) -
     from benchmark.app.runner import run
     from tests.factories import overfit_micro
 
-    config = overfit_micro(tmp_path, control=False, utility_metrics=False)
+    config = overfit_micro(tmp_path, control=False, utility_metrics=False, cache_dir=overfit_cache_dir)
     aucs = {}
     for defense, args in (("none", ()), ("wen.infer", (("inference_target", "0.1"),))):
         for attack in ("pang-wang", "loss"):

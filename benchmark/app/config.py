@@ -40,7 +40,8 @@ class RunConfig:
         default="default",
         metadata={
             "help": "run size: default, full (1,000 non-members: TPR at 0.1% FPR; the extended scenes pool, "
-            "so its own public split and base model) or micro (smoke test only)",
+            "so its own public split and base model; its recipe does not yet make 100 members memorise, "
+            "see docs/findings.md) or micro (smoke test only)",
             "choices": ("default", "micro", "full"),
             # Renamed: "preset" now only means a defense variant (dpsgd.eps8).
             "deprecated": ("--preset",),
