@@ -306,3 +306,42 @@ def test_fine_tuning_raises_the_clip_score_over_the_base_model_in_every_seed() -
         record = parse_json(read_record_bytes(path), source=str(path))
         paired = record["utility"]["details"]["vs_base_model"]["clip_score"]
         assert paired["low"] > 0 and paired["p_value"] < 0.05, (path.name, paired)
+
+
+SCENARIOS = ("I", "II", "III", "IV")
+
+
+def _worst_per_scenario(defense: str) -> dict[str, Cell]:
+    entries = [e for e in _collected(RESULTS)[0] if e.defense == defense]
+    found = cells(entries)
+    return {sc: worst_cell([c for c in found if c.scenario == sc]) for sc in SCENARIOS}
+
+
+def test_the_reference_suite_covers_every_scenario_attack_model_and_seed() -> None:
+    entries, _ = _collected(RESULTS)
+    grid: dict[str, set[tuple[str, str, int]]] = {}
+    for e in entries:
+        grid.setdefault(e.defense, set()).add((e.scenario, e.attack_model, e.seed))
+    expected = {(sc, m, s) for sc in SCENARIOS for m in ("threshold", "distribution", "classifier") for s in (0, 1, 2)}
+    assert len(grid) >= 14
+    for defense, got in grid.items():
+        assert got == expected, (defense, sorted(expected ^ got))
+
+
+def test_a_captioners_caption_weakens_the_attack_on_the_undefended_model() -> None:
+    worst = _worst_per_scenario("none")
+    for known, captioned in (("I", "II"), ("III", "IV")):
+        difference = ranking.auc_difference(worst[known], worst[captioned])
+        assert difference.significant and difference.low > 0, (known, captioned, difference)
+
+
+def test_the_threshold_attack_scores_the_same_in_scenarios_one_and_three() -> None:
+    # Same target, same ground-truth captions and queries: the shadow only moves the threshold,
+    # which an AUC does not see.
+    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    for e in _collected(RESULTS)[0]:
+        if e.attack_model == "threshold" and e.scenario in ("I", "III"):
+            by_key.setdefault((e.defense, e.seed), {})[e.scenario] = e.auc
+    assert len(by_key) >= 14 * 3
+    for key, auc in by_key.items():
+        assert auc["I"] == auc["III"], key

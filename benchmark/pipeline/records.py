@@ -648,6 +648,15 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    # Built once: `jsonschema.validate` re-checks the schema itself on every call, which was most
+    # of the time spent reading a folder of records.
+    cls = jsonschema.validators.validator_for(schema())
+    cls.check_schema(schema())
+    return cls(schema())
+
+
 def validate(data: object, *, source: str = "record") -> dict[str, Any]:
     """Check `data` against the result schema.
 
@@ -671,11 +680,10 @@ def validate(data: object, *, source: str = "record") -> dict[str, Any]:
     where = _non_finite(data)
     if where is not None:
         raise RecordError(f"{source}: field {where or '(top level)'}: NaN or infinite numbers are not allowed")
-    try:
-        jsonschema.validate(data, schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise RecordError(f"{source}: field {where}: {exc.message}") from None
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise RecordError(f"{source}: field {where}: {error.message}")
     return data
 
 
@@ -997,4 +1005,5 @@ def read_record(path: Path, *, source: str | None = None) -> ResultRecord:
         RecordError: as `load_record`, or the record contradicts its own evidence (`check_consistency`).
     """
     source = str(path) if source is None else source
-    return ResultRecord.from_dict(load_record(path, source=source), source=source)
+    # from_dict validates: reading through load_record would validate twice.
+    return ResultRecord.from_dict(parse_json(read_record_bytes(path, source=source), source=source), source=source)
