@@ -375,3 +375,28 @@ def test_accelerator_memory_round_trips_through_the_record() -> None:
     cpu = make_record().to_dict()
     assert "accelerator_memory_mb" not in cpu
     assert ResultRecord.from_dict(validate(cpu)).accelerator_memory_mb is None
+
+
+def test_a_step_the_fp16_scaler_skips_is_not_counted() -> None:
+    # GradScaler runs on the CPU too; fp16 autocast does not, so the scaler is driven by hand.
+    from benchmark.pipeline.finetune import TrainingHooks, TrainingState
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    state = TrainingState(
+        model=None,  # type: ignore[arg-type]
+        parameters=[weight],
+        optimizer=torch.optim.SGD([weight], lr=0.1),
+        images=torch.zeros(1),
+        captions=[""],
+        config=TrainConfig(epochs=1, batch_size=1, learning_rate=0.1),
+        generator=torch.Generator(),
+        grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+    )
+    hooks = TrainingHooks()
+    hooks.backward(torch.stack([weight.sum() * float("inf")]), state)
+    assert hooks.optimizer_step(state) is False
+    assert torch.equal(weight.detach(), torch.ones(3))
+    state.optimizer.zero_grad()
+    hooks.backward(torch.stack([weight.sum()]), state)
+    assert hooks.optimizer_step(state) is True
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9))

@@ -160,10 +160,13 @@ class TrainingHooks:
             torch.nn.utils.clip_grad_norm_(state.parameters, state.config.max_grad_norm)
         if scaler is None:
             state.optimizer.step()
-        else:
-            scaler.step(state.optimizer)
-            scaler.update()
-        return True
+            return True
+        scale = scaler.get_scale()
+        scaler.step(state.optimizer)
+        scaler.update()
+        # The scaler skips the update on inf/NaN gradients and lowers its scale: no step was taken,
+        # so the schedule and the step count must not advance.
+        return scaler.get_scale() >= scale
 
     def empty_batch_step(self, state: TrainingState) -> bool:
         """An empty batch (possible only with Poisson sampling); the plain recipe never makes one."""
