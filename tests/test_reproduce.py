@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmark.app.cli import main
 from benchmark.app.config import RunConfig, profile
 from benchmark.app.reproduce import Comparison, Tolerance, figures, reproduce
 from benchmark.kernel.errors import ConfigError
-from benchmark.pipeline.records import RecordError, TrainingRecord
+from benchmark.pipeline.records import RecordError, ResultRecord, TrainingRecord
 from tests.factories import make_record
 
 
@@ -128,7 +130,7 @@ def test_tolerances_come_from_the_pooled_seed_spread() -> None:
     logs = [np.log([fid for _, fid in draws]) for draws in cells.values()]
     pooled_log = math.sqrt(sum(((x - x.mean()) ** 2).sum() for x in logs) / 4)
     assert tolerance.fid_relative == pytest.approx(math.expm1(SPREAD_MULTIPLIER * pooled_log))
-    assert tolerance.basis["attack_auc"] == {"sd": pytest.approx(pooled), "cells": 2, "records": 6}
+    assert tolerance.basis["attack_auc"] == {"sd": pytest.approx(pooled), "cells": 2, "records": 6, "scope": "folder"}
     # Epsilon is not a seed-driven figure: it keeps the fixed tolerance.
     assert tolerance.epsilon_relative == Tolerance().epsilon_relative
 
@@ -137,6 +139,112 @@ def test_without_repeated_seeds_the_fixed_tolerances_stay() -> None:
     records = [make_record(defense=n, config={"defense": n, "seed": 0}) for n in ("none", "dpsgd")]
     tolerance = Tolerance.from_seed_spread(records)
     assert tolerance == Tolerance() and tolerance.basis == {}
+
+
+def _grid(
+    auc: dict[str, list[float]], fid: dict[str, list[float]], scenarios: dict[str, list[str]]
+) -> list[ResultRecord]:
+    """Records of each defense over its scenarios x two attack models x seeds; FID is the target's, per seed."""
+    return [
+        make_record(
+            defense=name,
+            seed=seed,
+            scenario=scenario,
+            attack_model=model,
+            # Each cell's draws shift by its position, so cells differ in level but not in spread.
+            auc=draws + 0.005 * i,
+            fid=fid[name][seed],
+            config={"defense": name, "seed": seed, "scenario": scenario, "attack_model": model},
+        )
+        for name, aucs in auc.items()
+        for i, (scenario, model) in enumerate((s, m) for s in scenarios[name] for m in ("threshold", "classifier"))
+        for seed, draws in enumerate(aucs)
+    ]
+
+
+def _pooled_sd(groups: list[list[float]]) -> float:
+    squares = sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in groups)
+    return float(np.sqrt(squares / sum(len(g) - 1 for g in groups)))
+
+
+def test_like_pools_the_spread_over_the_records_own_defense() -> None:
+    """A steady defense beside a noisy one: its own tolerance is its own spread, not the folder's."""
+    from benchmark.app.reproduce import SPREAD_MULTIPLIER
+
+    records = _grid(
+        auc={"none": [0.900, 0.902, 0.898], "captions.all": [0.60, 0.80, 0.70]},
+        fid={"none": [10.0, 10.5, 9.5], "captions.all": [9.0, 18.0, 12.0]},
+        scenarios={"none": ["I", "III"], "captions.all": ["I", "III"]},
+    )
+    none = [r for r in records if r.config["defense"] == "none"]
+    cells = [
+        [r.privacy.auc for r in none if (r.config["scenario"], r.config["attack_model"]) == cell]
+        for cell in {(r.config["scenario"], r.config["attack_model"]) for r in none}
+    ]
+    own_sd = _pooled_sd(cells)
+    tolerance = Tolerance.from_seed_spread(records, like=none[0])
+    assert tolerance.auc == pytest.approx(SPREAD_MULTIPLIER * own_sd)
+    assert tolerance.basis["attack_auc"] == {"sd": pytest.approx(own_sd), "cells": 4, "records": 12, "scope": "defense"}
+    folder = Tolerance.from_seed_spread(records)
+    assert folder.basis["attack_auc"]["scope"] == "folder" and folder.basis["attack_auc"]["cells"] == 8
+    assert tolerance.auc < folder.auc / 10
+    # One configuration's utility over three seeds is 2 degrees of freedom: too few, the folder's spread stands.
+    assert tolerance.basis["fid"]["scope"] == "folder" and tolerance.fid_relative == folder.fid_relative
+    json.dumps(tolerance.basis)
+
+
+def test_a_defense_absent_from_the_folder_gets_the_folder_spread() -> None:
+    records = _grid(
+        auc={"none": [0.900, 0.902, 0.898], "captions.all": [0.60, 0.80, 0.70]},
+        fid={"none": [10.0, 10.5, 9.5], "captions.all": [9.0, 18.0, 12.0]},
+        scenarios={"none": ["I", "III"], "captions.all": ["I", "III"]},
+    )
+    stranger = make_record(defense="dpsgd", config={"defense": "dpsgd", "seed": 0, "scenario": "I"})
+    tolerance = Tolerance.from_seed_spread(records, like=stranger)
+    folder = Tolerance.from_seed_spread(records)
+    assert tolerance == folder
+    assert tolerance.basis == folder.basis and {b["scope"] for b in tolerance.basis.values()} == {"folder"}
+
+
+def test_utility_repeated_over_scenarios_and_attack_models_counts_once() -> None:
+    """FID is the target's: one value per defense and seed, however many cells repeat it."""
+    import math
+
+    from benchmark.app.reproduce import SPREAD_MULTIPLIER
+
+    fid = {"none": [10.0, 12.0, 11.0], "dpsgd": [30.0, 45.0, 20.0]}
+    # `none` repeats its FID over 4 scenarios x 2 attack models, `dpsgd` over one scenario's 2.
+    records = _grid(
+        auc={"none": [0.90, 0.92, 0.94], "dpsgd": [0.50, 0.55, 0.52]},
+        fid=fid,
+        scenarios={"none": ["I", "II", "III", "IV"], "dpsgd": ["I"]},
+    )
+    tolerance = Tolerance.from_seed_spread(records)
+    sd = _pooled_sd([list(np.log(v)) for v in fid.values()])
+    assert tolerance.basis["fid"] == {"sd": pytest.approx(sd), "cells": 2, "records": 6, "scope": "folder"}
+    assert tolerance.fid_relative == pytest.approx(math.expm1(SPREAD_MULTIPLIER * sd))
+    # The attack is drawn per cell: its spread keeps every cell.
+    assert tolerance.basis["attack_auc"]["cells"] == 10 and tolerance.basis["attack_auc"]["records"] == 30
+
+
+def test_the_measured_tolerances_name_their_scope() -> None:
+    from rich.console import Console
+
+    from benchmark.app.cli import _measured_tolerance
+
+    records = _grid(
+        auc={"none": [0.900, 0.902, 0.898], "captions.all": [0.60, 0.80, 0.70]},
+        fid={"none": [10.0, 10.5, 9.5], "captions.all": [9.0, 18.0, 12.0]},
+        scenarios={"none": ["I", "III"], "captions.all": ["I", "III"]},
+    )
+    out = io.StringIO()
+    tolerance = _measured_tolerance(
+        Path("reference"), records, records[0], Path("r.json"), Console(file=out, width=200)
+    )
+    err = out.getvalue()
+    assert "attack_auc: seed-to-seed sd" in err and "over the record's defense: 4 cells, 12 records" in err
+    assert "fid: seed-to-seed sd" in err and "pooled over the folder: 2 configurations, 6 records" in err
+    assert tolerance.basis["attack_auc"]["scope"] == "defense"
 
 
 def test_reproduce_names_what_differs_in_the_machine() -> None:

@@ -33,10 +33,10 @@ from benchmark.app.executors import (
     ExecutorOptions,
     build_executor,
 )
-from benchmark.app.flags import add_config_flags, apply, given
+from benchmark.app.flags import Refused, add_config_flags, apply, given
 from benchmark.app.migrate import migrate
 from benchmark.app.plan import show_plan
-from benchmark.app.reproduce import Tolerance, reproduce
+from benchmark.app.reproduce import MIN_DEFENSE_DOF, Tolerance, reproduce
 from benchmark.app.runner import RunOutcome, run_matrix
 from benchmark.app.suite import Executor, SuiteSpec, run_suite
 from benchmark.kernel.convert import convert
@@ -46,7 +46,7 @@ from benchmark.kernel.plugins import component_origin
 from benchmark.pipeline.data import DATASETS
 from benchmark.pipeline.finetune import TrainConfig
 from benchmark.pipeline.models.registry import MODELS
-from benchmark.pipeline.records import SCHEMA_VERSION, RecordError, read_record, record_files
+from benchmark.pipeline.records import SCHEMA_VERSION, RecordError, ResultRecord, read_record, record_files
 from benchmark.pipeline.target import SamplingConfig
 from defenses import DEFENSES, presets, suite_defenses
 
@@ -75,6 +75,9 @@ CONFIG_DEFAULTS_NOTE = (
 # Fields listed here are set another way by the subcommand, by the hand-written flags below.
 RUN_SETS_OTHERWISE = ("scenario", "attack_model")  # --scenario / --attack-model: one, a list, or all
 SUITE_SETS_OTHERWISE = ("defense", "seed", "scenario", "attack_model")  # the grid: --defenses, --seeds, ...
+# Set from --seed for every fine-tune (the target's at the seed, the shadow's at an offset), so a flag
+# of its own would be recorded and ignored.
+SEEDED_BY_RUN = ("finetune.seed",)
 
 
 def _config_parser(
@@ -92,7 +95,15 @@ def _config_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=CONFIG_DEFAULTS_NOTE,
     )
-    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=sets_otherwise))
+    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=(*sets_otherwise, *SEEDED_BY_RUN)))
+    for path in SEEDED_BY_RUN:
+        p.add_argument(
+            f"--{path}",
+            action=Refused,
+            help=argparse.SUPPRESS,
+            reason="fine-tuning is seeded by the run's seed (the target at --seed, its shadow at an offset); "
+            f"pass --seed{'s' if 'seed' in sets_otherwise else ''} instead",
+        )
     return p
 
 
@@ -324,8 +335,10 @@ def _add_reproduce_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument(
         "--tolerances-from",
         type=Path,
-        help="a records folder with repeated seeds: each tolerance is 2.77 x the pooled seed-to-seed standard "
-        "deviation of its figure there (the 95%% range of two draws); flags below still override",
+        help="a records folder with repeated seeds: each tolerance is 2.77 x the seed-to-seed standard deviation "
+        "of its figure there (the 95%% range of two draws), pooled over the cells of the record's own defense "
+        f"configuration when they give {MIN_DEFENSE_DOF} or more degrees of freedom, else over the whole "
+        "folder; FID and CLIP score count each seed's value once; flags below still override",
     )
     p.add_argument("--auc-tolerance", type=float, help=f"absolute (default {t.auc})")
     p.add_argument("--balanced-accuracy-tolerance", type=float, help=f"absolute (default {t.balanced_accuracy})")
@@ -349,12 +362,15 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
     for name, value in values.items():
         if not value >= 0:
             raise ConfigError(f"tolerance {name} must be >= 0, got {value}")
-    tolerance = Tolerance()
-    if args.tolerances_from is not None:
-        tolerance = _measured_tolerance(args.tolerances_from, console)
-    tolerance = dataclasses.replace(tolerance, **values)
+    # The folder is read once; each record's tolerances are measured on its own defense's spread.
+    seeded = _records_under(args.tolerances_from) if args.tolerances_from is not None else None
     failed = 0
     for path in args.records:
+        stored = read_record(path)
+        tolerance = Tolerance()
+        if seeded is not None:
+            tolerance = _measured_tolerance(args.tolerances_from, seeded, stored, path, console)
+        tolerance = dataclasses.replace(tolerance, **values)
         result = reproduce(
             path,
             cache_dir=args.cache_dir,
@@ -362,6 +378,7 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
             tolerance=tolerance,
             console=console,
             show_progress=not args.quiet,
+            record=stored,
         )
         table = Table(title=f"{path.name}: {'reproduced' if result.ok else 'NOT reproduced'}")
         for column in ("figure", "stored", "recomputed", "difference", "allowed", ""):
@@ -442,8 +459,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 1 if report.failed else 0
 
 
-def _measured_tolerance(folder: Path, console: Console) -> Tolerance:
-    """Tolerances from the seed spread of the records under `folder` (unreadable files are left out)."""
+def _records_under(folder: Path) -> list[ResultRecord]:
+    """The readable records under `folder` (unreadable files are left out)."""
     if not folder.is_dir():
         raise ConfigError(f"--tolerances-from {folder} is not a folder; pass a results folder with several seeds")
     records = []
@@ -452,13 +469,26 @@ def _measured_tolerance(folder: Path, console: Console) -> Tolerance:
             records.append(read_record(path))
         except RecordError:
             continue
-    tolerance = Tolerance.from_seed_spread(records)
+    return records
+
+
+def _measured_tolerance(
+    folder: Path, records: list[ResultRecord], like: ResultRecord, path: Path, console: Console
+) -> Tolerance:
+    """Tolerances for the record `like` (read from `path`) from the seed spread of `records` (read from `folder`)."""
+    tolerance = Tolerance.from_seed_spread(records, like=like)
     if not tolerance.basis:
         console.print(f"{folder}: no cell with two or more seeds; using the fixed default tolerances")
+    else:
+        console.print(f"{path.name}: tolerances from the seed spread in {folder}")
     for metric, basis in tolerance.basis.items():
+        utility = metric in ("fid", "clip_score")
+        where = "over the record's defense" if basis["scope"] == "defense" else "pooled over the folder"
+        # A utility figure is the target's: its groups are defense configurations, one value per seed.
+        cells = f"{basis['cells']} {'configurations' if utility else 'cells'}"
         console.print(
-            f"{metric}: seed-to-seed sd {basis['sd']:.4f}{' (of the log)' if metric in ('fid', 'clip_score') else ''}"
-            f" pooled over {basis['cells']:.0f} cells, {basis['records']:.0f} records"
+            f"{metric}: seed-to-seed sd {basis['sd']:.4f}{' (of the log)' if utility else ''}"
+            f" {where}: {cells}, {basis['records']} records"
         )
     return tolerance
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal, TypedDict
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 
 from benchmark.app.config import RunConfig
@@ -27,6 +28,59 @@ from benchmark.pipeline.records import ResultRecord, read_record
 
 # Two draws with the seed-to-seed spread sigma differ by less than 1.96 x sqrt(2) x sigma, 95% of the time.
 SPREAD_MULTIPLIER = 1.96 * math.sqrt(2)
+
+# A defense's own spread replaces the folder's only on this many degrees of freedom or more. An sd
+# on k of them is uncertain by a factor: the 95% interval for sigma runs from 0.52 to 6.3 times the
+# estimate with k = 2 (one configuration's utility over three seeds), from 0.64 to 2.2 with k = 6.
+MIN_DEFENSE_DOF = 6
+
+# Tolerance field -> (figure, relative, drawn per cell). Attack figures are drawn per cell; FID and
+# CLIP score are the target's, one value per configuration and seed whatever the scenario and attack
+# model, so they are counted once per seed, not once per cell.
+_SPREADS: dict[str, tuple[str, bool, bool]] = {
+    "auc": ("attack_auc", False, True),
+    "balanced_accuracy": ("attack_balanced_accuracy", False, True),
+    "fid_relative": ("fid", True, False),
+    "clip_score_relative": ("clip_score", True, False),
+}
+
+
+class SpreadBasis(TypedDict):
+    """What a measured tolerance rests on (plain JSON values).
+
+    For FID and CLIP score a cell is a defense configuration over all its scenarios and attack
+    models, and a record is one seed's value.
+    """
+
+    sd: float
+    cells: int
+    records: int
+    # "defense": the groups of the record's own configuration; "folder": every group of the folder.
+    scope: Literal["defense", "folder"]
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """A pooled within-group sum of squares and what it counts."""
+
+    squares: float
+    dof: int
+    cells: int
+    records: int
+
+    @classmethod
+    def of(cls, stats: pd.DataFrame) -> _Pooled:
+        """From per-group rows with `n` (values) and `ss` (squared deviations from the group mean)."""
+        return cls(float(stats["ss"].sum()), int((stats["n"] - 1).sum()), len(stats), int(stats["n"].sum()))
+
+    @property
+    def sd(self) -> float:
+        return math.sqrt(self.squares / self.dof)
+
+
+def defense_key(config: dict[str, Any]) -> str:
+    """A cell's configuration without seed, scenario and attack model: one defense's fine-tuned targets."""
+    return cell_key({**config, "seed": None, "scenario": None, "attack_model": None})
 
 
 @dataclass(frozen=True)
@@ -44,46 +98,71 @@ class Tolerance:
     clip_score_relative: float = 0.15
     # The accountant is deterministic: only the noise multiplier's search tolerance moves it.
     epsilon_relative: float = 0.01
-    # Where the figures came from: metric -> {"sd", "cells", "records"} of the measured spread.
-    basis: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+    # Where the figures came from: figure name (attack_auc, fid, ...) -> what its spread rests on.
+    basis: dict[str, SpreadBasis] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_seed_spread(cls, records: Iterable[ResultRecord], *, fallback: Tolerance | None = None) -> Tolerance:
+    def from_seed_spread(
+        cls,
+        records: Iterable[ResultRecord],
+        *,
+        fallback: Tolerance | None = None,
+        like: ResultRecord | None = None,
+    ) -> Tolerance:
         """Tolerances of SPREAD_MULTIPLIER x the pooled seed-to-seed standard deviation.
 
-        Records of the same cell (the whole configuration but the seed) with two or more
-        seeds give the spread; it is pooled over cells (absolute for AUC and balanced
-        accuracy, of the logarithm for FID and CLIP score, so relative). A figure with no
-        repeated cell keeps `fallback`'s value.
+        The spread is measured within groups of records that differ only by seed and pooled
+        over groups (absolute for AUC and balanced accuracy, of the logarithm for FID and CLIP
+        score, so relative). For attack figures a group is a cell (the whole configuration but
+        the seed). FID and CLIP score measure the target, the same for every scenario and
+        attack model: a group is the configuration without seed, scenario and attack model,
+        and each seed's value counts once.
+
+        With `like`, each figure is pooled over the groups of `like`'s defense configuration
+        (`defense_key`) alone when they give MIN_DEFENSE_DOF degrees of freedom or more, so a
+        steady defense is not judged by the spread of a noisy one; otherwise over the folder.
+        `basis` names the scope used. A figure with no repeated group keeps `fallback`'s value.
         """
         fallback = fallback or cls()
-        groups: dict[str, list[dict[str, float | None]]] = defaultdict(list)
-        for record in records:
-            groups[cell_key({**record.config, "seed": None})].append(figures(record))
-        spreads = {
-            "auc": ("attack_auc", False),
-            "balanced_accuracy": ("attack_balanced_accuracy", False),
-            "fid_relative": ("fid", True),
-            "clip_score_relative": ("clip_score", True),
-        }
+        columns = ["cell", "defense", "seed", *(metric for metric, _, _ in _SPREADS.values())]
+        frame = pd.DataFrame(
+            [
+                {
+                    "cell": cell_key({**record.config, "seed": None}),
+                    "defense": defense_key(record.config),
+                    "seed": record.config.get("seed"),
+                    **figures(record),
+                }
+                for record in records
+            ],
+            columns=columns,
+        )
+        own = defense_key(like.config) if like is not None else None
         values: dict[str, float] = {}
-        basis: dict[str, dict[str, float]] = {}
-        for name, (metric, relative) in spreads.items():
-            squares, dof, cells, count = 0.0, 0, 0, 0
-            for group in groups.values():
-                xs = np.array([f[metric] for f in group if f[metric] is not None and f[metric] > 0], dtype=float)
-                if len(xs) < 2:
-                    continue
-                xs = np.log(xs) if relative else xs
-                squares += float(np.sum((xs - xs.mean()) ** 2))
-                dof += len(xs) - 1
-                cells += 1
-                count += len(xs)
-            if not dof:
+        basis: dict[str, SpreadBasis] = {}
+        for name, (metric, relative, per_cell) in _SPREADS.items():
+            x = pd.to_numeric(frame[metric], errors="coerce")
+            data = frame.assign(x=x)[x > 0]
+            if not per_cell:
+                # Every scenario and attack model repeats its seed's value: the first one stands for them.
+                data = data.drop_duplicates(["defense", "seed"])
+            if relative:
+                data = data.assign(x=np.log(data["x"]))
+            keys = ["defense", "cell"] if per_cell else ["defense"]
+            squared = (data["x"] - data.groupby(keys)["x"].transform("mean")) ** 2
+            stats = data.assign(ss=squared).groupby(keys).agg(n=("x", "size"), ss=("ss", "sum"))
+            stats = stats[stats["n"] >= 2]
+            if stats.empty:
                 continue
-            sd = math.sqrt(squares / dof)
+            pooled = _Pooled.of(stats)
+            scope: Literal["defense", "folder"] = "folder"
+            if own is not None:
+                mine = _Pooled.of(stats[stats.index.get_level_values("defense") == own])
+                if mine.dof >= MIN_DEFENSE_DOF:
+                    pooled, scope = mine, "defense"
+            sd = pooled.sd
             values[name] = math.expm1(SPREAD_MULTIPLIER * sd) if relative else SPREAD_MULTIPLIER * sd
-            basis[metric] = {"sd": sd, "cells": cells, "records": count}
+            basis[metric] = SpreadBasis(sd=sd, cells=pooled.cells, records=pooled.records, scope=scope)
         return replace(fallback, **values, basis=basis)
 
     def allowed(self, metric: str, stored: float) -> float:
@@ -149,6 +228,7 @@ def reproduce(
     tolerance: Tolerance = Tolerance(),
     console: Console | None = None,
     show_progress: bool = True,
+    record: ResultRecord | None = None,
 ) -> Reproduction:
     """Re-run the configuration stored in the record at `path` and compare its figures.
 
@@ -157,6 +237,7 @@ def reproduce(
             Cached fine-tunes keyed by the same inputs are reused; for an
             independent check use an empty cache.
         results_dir: where the recomputed record goes (None: a temporary folder, removed).
+        record: the record at `path` when the caller has read it already (None: read here).
 
     Raises:
         RecordError: the file is not a valid record (`read_record`: not a regular file, over
@@ -165,7 +246,7 @@ def reproduce(
         ReproductionError: its configuration cannot be run here.
     """
 
-    stored = read_record(path)
+    stored = record if record is not None else read_record(path)
     try:
         config = RunConfig.from_dict(stored.config)
     except BenchmarkError as exc:
