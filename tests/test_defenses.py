@@ -126,6 +126,14 @@ def test_configs_validate_without_resolve() -> None:
         AugmentConfig(transforms=())
 
 
+def test_a_noise_multiplier_the_prv_accountant_cannot_hold_is_refused_before_training() -> None:
+    # Below the floor the PRV accountant asks for GiBs to TiBs when epsilon is computed, after training.
+    with pytest.raises(ConfigError, match="pass accountant=rdp"):
+        DPSGDConfig(target_epsilon=None, noise_multiplier=0.01)
+    DPSGDConfig(target_epsilon=None, noise_multiplier=0.01, accountant="rdp")
+    DPSGDConfig(target_epsilon=None, noise_multiplier=1.0)
+
+
 # -- composition -------------------------------------------------------------------------
 
 
