@@ -312,17 +312,22 @@ SCENARIOS = ("I", "II", "III", "IV")
 
 
 def _worst_per_scenario(defense: str) -> dict[str, Cell]:
-    entries = [e for e in _collected(RESULTS)[0] if e.defense == defense]
+    # The paper's attack: the only one measured in every scenario.
+    entries = [e for e in _collected(RESULTS)[0] if e.defense == defense and e.family == "pang-wang"]
     found = cells(entries)
     return {sc: worst_cell([c for c in found if c.scenario == sc]) for sc in SCENARIOS}
 
 
 def test_the_reference_suite_covers_every_scenario_attack_model_and_seed() -> None:
     entries, _ = _collected(RESULTS)
-    grid: dict[str, set[tuple[str, str, int]]] = {}
+    grid: dict[str, set[tuple[str, str, str, int]]] = {}
     for e in entries:
-        grid.setdefault(e.defense, set()).add((e.scenario, e.attack_model, e.seed))
-    expected = {(sc, m, s) for sc in SCENARIOS for m in ("threshold", "distribution", "classifier") for s in (0, 1, 2)}
+        grid.setdefault(e.defense, set()).add((e.scenario, e.family, e.attack_model, e.seed))
+    models = ("threshold", "distribution", "classifier")
+    expected = {(sc, "pang-wang", m, s) for sc in SCENARIOS for m in models for s in (0, 1, 2)}
+    # The stronger attackers, in scenario III.
+    expected |= {("III", "clid", m, s) for m in (*models, "clid_th") for s in (0, 1, 2)}
+    expected |= {("III", "rediffuse", m, s) for m in models for s in (0, 1, 2)}
     assert len(grid) >= 14
     for defense, got in grid.items():
         assert got == expected, (defense, sorted(expected ^ got))
@@ -340,8 +345,39 @@ def test_the_threshold_attack_scores_the_same_in_scenarios_one_and_three() -> No
     # which an AUC does not see.
     by_key: dict[tuple[str, int], dict[str, float]] = {}
     for e in _collected(RESULTS)[0]:
-        if e.attack_model == "threshold" and e.scenario in ("I", "III"):
+        if e.family == "pang-wang" and e.attack_model == "threshold" and e.scenario in ("I", "III"):
             by_key.setdefault((e.defense, e.seed), {})[e.scenario] = e.auc
     assert len(by_key) >= 14 * 3
     for key, auc in by_key.items():
         assert auc["I"] == auc["III"], key
+
+
+def _worst_per_family(defense: str, scenario: str = "III") -> dict[str, Cell]:
+    found = cells([e for e in _collected(RESULTS)[0] if e.defense == defense and e.scenario == scenario])
+    families = {c.attack.split("/")[0] for c in found}
+    return {f: worst_cell([c for c in found if c.attack.startswith(f + "/")]) for f in families}
+
+
+def test_generation_time_mitigations_stop_only_the_black_box_over_three_seeds() -> None:
+    [table] = [t for t in aggregate(_collected(RESULTS)[0]) if t.scenario == "III"]
+    rows = {r.defense: r for r in table.rows if not r.reference}
+    for defense in ("ren.both", "wen.infer"):
+        assert rows[defense].black_box_only, defense
+        worst = _worst_per_family(defense)
+        difference = ranking.auc_difference(worst["clid"], worst["pang-wang"])
+        assert difference.significant and difference.low > 0.1, (defense, difference)
+    # DP-SGD holds against the gray box too.
+    assert not rows["dpsgd.eps8"].black_box_only
+    assert headline_row("dpsgd.eps8").rank < headline_row("ren.both").rank
+
+
+def test_an_image_to_image_attacker_sees_through_augmentation() -> None:
+    worst = _worst_per_family("augment.all")
+    difference = ranking.auc_difference(worst["rediffuse"], worst["pang-wang"])
+    assert difference.significant and difference.low > 0, difference
+
+
+def headline_row(defense: str) -> ranking.HeadlineRow:
+    [found] = _headlines()
+    [row] = [r for r in found.rows if r.defense == defense]
+    return row
