@@ -225,6 +225,18 @@ def test_utility_repeated_over_scenarios_and_attack_models_counts_once() -> None
     assert tolerance.fid_relative == pytest.approx(math.expm1(SPREAD_MULTIPLIER * sd))
     # The attack is drawn per cell: its spread keeps every cell.
     assert tolerance.basis["attack_auc"]["cells"] == 10 and tolerance.basis["attack_auc"]["records"] == 30
+    # Another attack family on the same targets (a gray-box suite beside the black-box one) adds no value.
+    gray = [
+        make_record(
+            defense="none",
+            seed=seed,
+            scenario="III",
+            fid=fid["none"][seed],
+            config={"defense": "none", "seed": seed, "scenario": "III", "attack_model": "threshold", "attack": "clid"},
+        )
+        for seed in range(3)
+    ]
+    assert Tolerance.from_seed_spread(records + gray).basis["fid"] == tolerance.basis["fid"]
 
 
 def test_the_measured_tolerances_name_their_scope() -> None:

@@ -124,12 +124,14 @@ class Tolerance:
         `basis` names the scope used. A figure with no repeated group keeps `fallback`'s value.
         """
         fallback = fallback or cls()
-        columns = ["cell", "defense", "seed", *(metric for metric, _, _ in _SPREADS.values())]
+        columns = ["cell", "defense", "target", "seed", *(metric for metric, _, _ in _SPREADS.values())]
         frame = pd.DataFrame(
             [
                 {
                     "cell": cell_key({**record.config, "seed": None}),
                     "defense": defense_key(record.config),
+                    # Records of another attack family or access on the same defense measure the same target.
+                    "target": repr((record.config.get("defense"), record.config.get("defense_args"))),
                     "seed": record.config.get("seed"),
                     **figures(record),
                 }
@@ -144,8 +146,9 @@ class Tolerance:
             x = pd.to_numeric(frame[metric], errors="coerce")
             data = frame.assign(x=x)[x > 0]
             if not per_cell:
-                # Every scenario and attack model repeats its seed's value: the first one stands for them.
-                data = data.drop_duplicates(["defense", "seed"])
+                # Every scenario, attack model and attack family repeats its target's value in a seed:
+                # the first one stands for them.
+                data = data.drop_duplicates(["target", "seed", "x"])
             if relative:
                 data = data.assign(x=np.log(data["x"]))
             keys = ["defense", "cell"] if per_cell else ["defense"]
