@@ -37,24 +37,10 @@ NOT_CONFIG = {
     # Print what the suite would do instead of doing it (benchmark.app.plan).
     | {"--plan"},
 }
-# Refused with an error naming the flag to pass (the run's seed seeds every fine-tune).
-for _refused in NOT_CONFIG.values():
-    _refused.add("--finetune.seed")
 # Fields a subcommand sets through one of those flags instead of a flag of their own.
 SET_OTHERWISE = {
-    # --scenario / --attack-model: one, a list, or all
-    "run": {
-        "scenario": "--scenario",
-        "attack_model": "--attack-model",
-        "finetune.seed": "--seed",
-    },
-    "suite": {
-        "defense": "--defenses",
-        "seed": "--seeds",
-        "scenario": "--scenarios",
-        "attack_model": "--attack-models",
-        "finetune.seed": "--seeds",
-    },
+    "run": {"scenario": "--scenario", "attack_model": "--attack-model"},  # one, a list, or all
+    "suite": {"defense": "--defenses", "seed": "--seeds", "scenario": "--scenarios", "attack_model": "--attack-models"},
 }
 
 

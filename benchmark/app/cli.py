@@ -33,7 +33,7 @@ from benchmark.app.executors import (
     ExecutorOptions,
     build_executor,
 )
-from benchmark.app.flags import Refused, add_config_flags, apply, given
+from benchmark.app.flags import add_config_flags, apply, given
 from benchmark.app.migrate import migrate
 from benchmark.app.plan import show_plan
 from benchmark.app.reproduce import MIN_DEFENSE_DOF, Tolerance, reproduce
@@ -75,9 +75,6 @@ CONFIG_DEFAULTS_NOTE = (
 # Fields listed here are set another way by the subcommand, by the hand-written flags below.
 RUN_SETS_OTHERWISE = ("scenario", "attack_model")  # --scenario / --attack-model: one, a list, or all
 SUITE_SETS_OTHERWISE = ("defense", "seed", "scenario", "attack_model")  # the grid: --defenses, --seeds, ...
-# Set from --seed for every fine-tune (the target's at the seed, the shadow's at an offset), so a flag
-# of its own would be recorded and ignored.
-SEEDED_BY_RUN = ("finetune.seed",)
 
 
 def _config_parser(
@@ -95,15 +92,7 @@ def _config_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=CONFIG_DEFAULTS_NOTE,
     )
-    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=(*sets_otherwise, *SEEDED_BY_RUN)))
-    for path in SEEDED_BY_RUN:
-        p.add_argument(
-            f"--{path}",
-            action=Refused,
-            help=argparse.SUPPRESS,
-            reason="fine-tuning is seeded by the run's seed (the target at --seed, its shadow at an offset); "
-            f"pass --seed{'s' if 'seed' in sets_otherwise else ''} instead",
-        )
+    p.set_defaults(config_flags=add_config_flags(p, RunConfig, exclude=sets_otherwise))
     return p
 
 

@@ -262,6 +262,13 @@ class RunConfig:
         except RegistryError as exc:
             raise ConfigError(str(exc)) from None
         self.check_ranges()
+        if self.finetune.seed != TrainConfig.seed:
+            # Every fine-tune is seeded from the run's seed (the shadow's at an offset): a value here
+            # would be recorded and ignored.
+            raise ConfigError(
+                f"finetune.seed {self.finetune.seed} is not used: fine-tuning is seeded by the run's seed "
+                "(the target at --seed, its shadow at an offset); leave finetune.seed unset and pass --seed"
+            )
         # A device this machine lacks, or a precision the defense cannot train in, fails here; a
         # cluster's driver leaves the device to the workers, which validate again where they run.
         compute = resolve_compute(

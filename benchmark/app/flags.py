@@ -189,19 +189,6 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-class Refused(argparse.Action):
-    """A flag that looks like a setting but is not one: the parser's error says what to pass instead."""
-
-    def __init__(self, *args: Any, reason: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reason = reason
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
-    ) -> None:
-        parser.error(f"{option_string}: {self.reason}")
-
-
 def given(args: argparse.Namespace, flags: Sequence[ConfigFlag]) -> dict[str, Any]:
     """The settings given on the command line, converted, by dotted path.
 
