@@ -188,8 +188,22 @@ def _quiet_opacus() -> Iterator[None]:
 
 @functools.lru_cache(maxsize=64)
 def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, epochs: int, accountant: str) -> float:
+    from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
 
+    if accountant == "prv":
+        # Opacus' search halves the noise while epsilon stays under the target, so a large target
+        # would walk it below the floor where the prv grid outgrows memory: refuse that before it starts.
+        floor = create_accountant(accountant)
+        floor.history = [(PRV_MIN_NOISE, sample_rate, int(epochs / sample_rate))]
+        at_floor = floor.get_epsilon(delta=delta)
+        if at_floor <= target_epsilon:
+            raise ConfigError(
+                f"dpsgd target_epsilon {target_epsilon:g} needs a noise multiplier below {PRV_MIN_NOISE} "
+                f"(at {PRV_MIN_NOISE} the prv accountant already gives epsilon {at_floor:.3g} "
+                f"over {epochs} epochs), where its grid outgrows memory; "
+                "pass accountant=rdp, or a smaller target_epsilon"
+            )
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
