@@ -49,6 +49,9 @@ ACCOUNTANTS = ("prv", "rdp")
 # Measured with Opacus 1.6's PRVAccountant over 100 epochs: noise 0.3 needs seconds, 0.2 gives an
 # infinite epsilon or a failed allocation, 0.1 and below ask for GiBs to TiBs. A floor with margin.
 PRV_MIN_NOISE = 0.5
+# The smallest noise Opacus' calibration search may probe under prv before it is refused (see
+# `_calibrated_noise`): 20 / 2**6, the search's own step; few-step runs do calibrate below 0.5.
+PRV_SEARCH_FLOOR = 0.3125
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
@@ -192,17 +195,24 @@ def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, e
     from opacus.accountants.utils import get_noise_multiplier
 
     if accountant == "prv":
-        # Opacus' search halves the noise while epsilon stays under the target, so a large target
-        # would walk it below the floor where the prv grid outgrows memory: refuse that before it starts.
-        floor = create_accountant(accountant)
-        floor.history = [(PRV_MIN_NOISE, sample_rate, int(epochs / sample_rate))]
-        at_floor = floor.get_epsilon(delta=delta)
-        if at_floor <= target_epsilon:
+        # Opacus' search starts at 20 and halves the noise while epsilon stays under the target: past
+        # 0.625 it probes 0.3125 and, if that is still under, 0.156, where the prv grid outgrows
+        # memory. So a target that 0.3125 already meets is refused before the search starts.
+        steps = int(epochs / sample_rate)
+
+        def prv_epsilon(sigma: float) -> float:
+            prv = create_accountant(accountant)
+            prv.history = [(sigma, sample_rate, steps)]
+            return float(prv.get_epsilon(delta=delta))
+
+        if (
+            prv_epsilon(2 * PRV_SEARCH_FLOOR) < target_epsilon
+            and (at_floor := prv_epsilon(PRV_SEARCH_FLOOR)) < target_epsilon
+        ):
             raise ConfigError(
-                f"dpsgd target_epsilon {target_epsilon:g} needs a noise multiplier below {PRV_MIN_NOISE} "
-                f"(at {PRV_MIN_NOISE} the prv accountant already gives epsilon {at_floor:.3g} "
-                f"over {epochs} epochs), where its grid outgrows memory; "
-                "pass accountant=rdp, or a smaller target_epsilon"
+                f"dpsgd target_epsilon {target_epsilon:g} needs a noise multiplier below {PRV_SEARCH_FLOOR} "
+                f"(there the prv accountant already gives epsilon {at_floor:.3g} over {epochs} epochs), "
+                "where its grid outgrows memory; pass accountant=rdp, or a smaller target_epsilon"
             )
     return float(
         get_noise_multiplier(

@@ -134,15 +134,17 @@ def test_a_noise_multiplier_the_prv_accountant_cannot_hold_is_refused_before_tra
     DPSGDConfig(target_epsilon=None, noise_multiplier=1.0)
 
 
-def test_a_target_epsilon_that_needs_noise_below_the_prv_floor_is_refused_before_the_search() -> None:
-    from defenses.dpsgd import PRV_MIN_NOISE, _calibrated_noise, _quiet_opacus
+def test_a_target_epsilon_whose_noise_search_would_leave_the_prv_range_is_refused_before_it() -> None:
+    from defenses.dpsgd import PRV_SEARCH_FLOOR, _calibrated_noise, _quiet_opacus
 
-    # 32 members in batches of 32 for 100 epochs: at noise 0.5 epsilon is already in the hundreds.
+    # 32 members in batches of 32 for 100 epochs: at noise 0.3125 epsilon is already in the hundreds.
     with _quiet_opacus():
         with pytest.raises(ConfigError, match=r"target_epsilon 10000 .*pass accountant=rdp"):
             _calibrated_noise(1e4, 1 / 320, 1.0, 100, "prv")
-        assert _calibrated_noise(1e4, 1 / 320, 1.0, 100, "rdp") < PRV_MIN_NOISE
-        assert _calibrated_noise(8.0, 1 / 320, 1.0, 100, "prv") > PRV_MIN_NOISE
+        assert _calibrated_noise(1e4, 1 / 320, 1.0, 100, "rdp") < PRV_SEARCH_FLOOR
+        # Ordinary budgets calibrate as before, a one-epoch run below 0.5 included.
+        assert _calibrated_noise(8.0, 1 / 320, 1.0, 100, "prv") > 4
+        assert PRV_SEARCH_FLOOR < _calibrated_noise(8.0, 1 / 320, 1.0, 1, "prv") < 0.5
 
 
 # -- composition -------------------------------------------------------------------------
