@@ -251,3 +251,58 @@ def test_interval_difference_adds_the_two_uncertainties() -> None:
     assert not interval_difference(1.0, (0.0, 2.0), 1.5, (0.5, 2.5)).significant
     with pytest.raises(ValueError, match="low end"):
         interval_difference(1.0, (2.0, 0.0), 1.0, (0.0, 2.0))
+
+
+# -- tests against a margin and many tests at once (the regression gate's rule) --------------
+
+
+def test_holm_matches_its_definition_and_bh_matches_a_hand_computation() -> None:
+    from benchmark.pipeline.statistics import adjusted_p_values
+
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04, made monotone.
+    assert adjusted_p_values(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # Benjamini-Hochberg: p_(i) m / i from the top, made monotone: 0.04, 0.04, 0.04, 0.02.
+    assert adjusted_p_values(p, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert adjusted_p_values(p, "none") == pytest.approx(p)
+    assert adjusted_p_values([], "holm").size == 0
+    with pytest.raises(ValueError, match="unknown correction"):
+        adjusted_p_values(p, "bonferoni")
+
+
+def test_margin_p_value_is_one_sided_beyond_the_margin() -> None:
+    from benchmark.pipeline.statistics import Difference, margin_p_value
+
+    normal = Difference(0.05, 0.03, 0.07, 0.0, 3, "test", se=0.01)
+    assert margin_p_value(normal, 0.02, higher=True) == pytest.approx(scipy_stats.norm.sf(3.0))
+    assert margin_p_value(normal, 0.02, higher=False) == pytest.approx(scipy_stats.norm.sf(-7.0))
+    # Within the margin: never significant, however small the standard error.
+    tiny = Difference(0.015, 0.0149, 0.0151, 0.0, 3, "test", se=1e-6)
+    assert margin_p_value(tiny, 0.02, higher=True) > 0.99
+    t = Difference(0.05, 0.0, 0.1, 0.0, 3, "test", se=0.01, dof=2.0)
+    assert margin_p_value(t, 0.0, higher=True) == pytest.approx(scipy_stats.t.sf(5.0, 2))
+    exact = Difference(0.05, 0.05, 0.05, 0.0, 3, "test", se=0.0)
+    assert margin_p_value(exact, 0.02, higher=True) == 0.0 and margin_p_value(exact, 0.06, higher=True) == 1.0
+    assert math.isnan(margin_p_value(Difference(0.1, 0, 0, 0, 1, "one seed"), 0.0, higher=True))
+
+
+def test_a_difference_over_seeds_counts_their_spread() -> None:
+    """Per-seed differences that disagree (+0.25, -0.05, +0.10 in AUC) on many queries: the query
+    bootstrap alone resolves each seed, but over three seeds the mean difference is not significant."""
+    from benchmark.pipeline.statistics import margin_p_value
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.ones(400, int), np.zeros(400, int)]
+    base = [rng.normal(size=labels.size) + 1.0 * labels for _ in range(3)]
+    # Members shifted by an amount per seed, the same queries: a paired design.
+    moved = [scores + shift * labels for scores, shift in zip(base, (0.9, -0.2, 0.4), strict=True)]
+    a = [(s, labels) for s in moved]
+    b = [(s, labels) for s in base]
+    over_seeds = paired_auc_difference(a, b, resamples=400)
+    one_seed = paired_auc_difference(a[:1], b[:1], resamples=400)
+    assert one_seed.value > 0.15 and margin_p_value(one_seed, 0.02, higher=True) < 1e-6
+    # The seeds' spread dominates: close to Student t on n - 1 = 2 degrees of freedom (Satterthwaite).
+    assert 2.0 <= over_seeds.dof < 3.0
+    per_seed = [roc_auc_score(labels, x) - roc_auc_score(labels, y) for x, y in zip(moved, base, strict=True)]
+    assert over_seeds.se >= np.std(per_seed, ddof=1) / math.sqrt(3)
+    assert margin_p_value(over_seeds, 0.02, higher=True) > 0.05

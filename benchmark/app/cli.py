@@ -24,7 +24,7 @@ from attacks.encoders import ENCODERS
 from attacks.families import ATTACK_FAMILIES, AttackFamily, AttackFamilyError
 from attacks.scenarios import QueryAccess, Scenario
 from benchmark.app.compact import compact
-from benchmark.app.compare import ALPHA, RESAMPLES, compare, render, write_json
+from benchmark.app.compare import ALPHA, CORRECTION, MARGIN, RESAMPLES, UTILITY_MARGIN, compare, render, write_json
 from benchmark.app.config import PROFILES, RunConfig, profile
 from benchmark.app.executors import (
     DEFAULT_EXECUTOR,
@@ -410,7 +410,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
         help="compare two sets of records cell by cell; exit 1 on a significant privacy or utility regression",
         description="Records are matched by cell (the whole configuration but the seed); within a cell, attack "
         "AUC and TPR@1%FPR are compared with a hierarchical bootstrap over seeds and queries (paired where seeds "
-        "and queries agree), FID and CLIP score with a t-test over seeds.",
+        "and queries agree), FID and CLIP score with a t-test over seeds. Each test is one-sided against a margin "
+        "(a smaller change is no change), and the p-values of all cells are adjusted together (Holm by default).",
         epilog=COMPARE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -419,6 +420,24 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--alpha", type=float, default=ALPHA, help=f"test level (default {ALPHA}); intervals are 95%%")
     p.add_argument(
         "--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples, seeded (default {RESAMPLES})"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        help=f"a change in attack AUC or TPR of at most this is no change (default {MARGIN})",
+    )
+    p.add_argument(
+        "--utility-margin",
+        type=float,
+        default=UTILITY_MARGIN,
+        help=f"the same for FID and CLIP score, in their units (default {UTILITY_MARGIN:g})",
+    )
+    p.add_argument(
+        "--correction",
+        default=CORRECTION,
+        help="adjust the p-values of all tests together: holm (family-wise error, default), bh "
+        "(Benjamini-Hochberg, false discovery rate) or none",
     )
     p.add_argument("--privacy-only", action="store_true", help="utility regressions are shown but do not fail")
     p.add_argument(
@@ -441,6 +460,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         resamples=args.resamples,
         privacy_only=args.privacy_only,
         ignore=tuple(args.ignore),
+        margin=args.margin,
+        utility_margin=args.utility_margin,
+        correction=args.correction,
     )
     render(report, console)
     if args.json is not None:

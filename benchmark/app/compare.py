@@ -15,6 +15,19 @@ allows (`benchmark.pipeline.statistics`):
   record's own bootstrap interval over captions (`UtilityRecord.intervals`). Anything
   less is reported, not tested.
 
+A gate that compares hundreds of cells must not fire on noise, so three things guard it:
+
+- **seeds**: where both sides have two or more seeds, the test's standard error counts the
+  seed-to-seed spread (for the bootstrap, with the small-sample bias of resampling few
+  seeds removed), not only the queries;
+- **a margin**: the null hypothesis is "NEW differs from OLD by at most the margin in the
+  worse direction" (`--margin`, 0.02 AUC and TPR by default), tested one-sided, so a
+  difference below the margin is never a regression however many queries resolve it;
+- **many tests**: the p-values of all cells and metrics are adjusted together (Holm by
+  default, controlling the chance of any false regression; `--correction bh` controls the
+  false discovery rate instead). A target's utility is shared by all the cells that attack
+  it: it counts as one test, not one per cell.
+
 The same comparison backs `assert_privacy_within`, the pytest assertion a defense
 author uses to pin their defense's privacy in their own test suite.
 """
@@ -45,6 +58,10 @@ from benchmark.pipeline.statistics import Difference, Estimate
 PRIVACY_FPR = 0.01
 ALPHA = 0.05
 RESAMPLES = stats.RESAMPLES
+# A difference in attack AUC (or TPR) this small is no regression, however well resolved.
+MARGIN = 0.02
+UTILITY_MARGIN = 0.0
+CORRECTION = stats.HOLM
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -82,9 +99,12 @@ class MetricChange:
     change: float | None
     low: float | None
     high: float | None
+    # One-sided, against the margin, in the direction of the change; then adjusted for all the tests.
     p_value: float | None
     method: str
     verdict: str
+    p_adjusted: float | None = None
+    margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +133,11 @@ class ComparisonReport:
     only_new: tuple[str, ...]
     only_old: tuple[str, ...]
     skipped: tuple[str, ...]
+    margin: float = MARGIN
+    utility_margin: float = UTILITY_MARGIN
+    correction: str = CORRECTION
+    # Distinct tests the correction counted (a target's utility once, however many cells attack it).
+    n_tests: int = 0
 
     def regressions(self) -> list[tuple[CellComparison, MetricChange]]:
         """The significant regressions that fail the gate (utility ones only without `privacy_only`)."""
@@ -134,6 +159,10 @@ class ComparisonReport:
             "alpha": self.alpha,
             "resamples": self.resamples,
             "privacy_only": self.privacy_only,
+            "margin": self.margin,
+            "utility_margin": self.utility_margin,
+            "correction": self.correction,
+            "n_tests": self.n_tests,
             "ignored": list(self.ignored),
             "failed": self.failed,
             "cells": [
@@ -171,6 +200,10 @@ class ComparisonReport:
             alpha=data["alpha"],
             resamples=data["resamples"],
             privacy_only=data["privacy_only"],
+            margin=data["margin"],
+            utility_margin=data["utility_margin"],
+            correction=data["correction"],
+            n_tests=data["n_tests"],
             ignored=tuple(data["ignored"]),
             cells=tuple(
                 CellComparison(
@@ -322,19 +355,32 @@ def _seeds(seeds: Iterable[int]) -> str:
     return ",".join(str(s) for s in seeds)
 
 
-def _verdict(change: float | None, p_value: float | None, worse_when_higher: bool, alpha: float) -> str:
-    if change is None or p_value is None:
-        return NOT_TESTED
-    if p_value >= alpha or change == 0:
-        return NO_CHANGE
-    return REGRESSION if (change > 0) == worse_when_higher else IMPROVEMENT
+@dataclass(frozen=True)
+class _Test:
+    """One metric of one cell before the correction: its change and both one-sided p-values."""
+
+    change: MetricChange
+    # One-sided p that the change lies beyond the margin in the worse / the better direction (None: untested).
+    p_worse: float | None
+    p_better: float | None
+    # Equal for tests of the same evidence (a target's utility seen from each cell that attacks it).
+    identity: tuple[Any, ...]
 
 
-def _change(
-    metric: str, kind: str, worse_when_higher: bool, old: Figure, new: Figure, diff: Difference, alpha: float
-) -> MetricChange:
-    p_value = _finite(diff.p_value)
-    return MetricChange(
+def _test(
+    metric: str,
+    kind: str,
+    worse_when_higher: bool,
+    old: Figure,
+    new: Figure,
+    diff: Difference,
+    margin: float,
+    identity: tuple[Any, ...],
+) -> _Test:
+    method = diff.method
+    if kind == "privacy" and diff.n_seeds > 1:
+        method += f"; tested over seeds (t, {'inf' if math.isinf(diff.dof) else f'{diff.dof:.3g}'} df)"
+    change = MetricChange(
         metric=metric,
         kind=kind,
         worse_when_higher=worse_when_higher,
@@ -343,38 +389,86 @@ def _change(
         change=diff.value,
         low=_finite(diff.low),
         high=_finite(diff.high),
-        p_value=p_value,
-        method=diff.method,
-        verdict=_verdict(diff.value, p_value, worse_when_higher, alpha),
+        p_value=None,
+        method=method,
+        verdict=NOT_TESTED,
+        margin=margin,
     )
+    up = _finite(stats.margin_p_value(diff, margin, higher=True))
+    down = _finite(stats.margin_p_value(diff, margin, higher=False))
+    if up is None or down is None:
+        return _Test(replace(change, method=f"{method}; not tested: no standard error"), None, None, identity)
+    worse, better = (up, down) if worse_when_higher else (down, up)
+    return _Test(change, worse, better, identity)
+
+
+def _decide(tests: Sequence[_Test], alpha: float, correction: str) -> tuple[list[MetricChange], int]:
+    """Every test's verdict after adjusting all p-values together, and the number of distinct tests.
+
+    Regressions and improvements are each one family (the gate only reads the first). Tests
+    of the same evidence share one slot, so repeating a target's utility in every cell that
+    attacks it does not make the correction stricter.
+    """
+    slots: dict[tuple[Any, ...], int] = {}
+    worse: list[float] = []
+    better: list[float] = []
+    for t in tests:
+        if t.p_worse is not None and t.p_better is not None and t.identity not in slots:
+            slots[t.identity] = len(worse)
+            worse.append(t.p_worse)
+            better.append(t.p_better)
+    adj_worse = stats.adjusted_p_values(worse, correction)
+    adj_better = stats.adjusted_p_values(better, correction)
+    out = []
+    for t in tests:
+        if t.p_worse is None or t.p_better is None:
+            out.append(t.change)
+            continue
+        slot = slots[t.identity]
+        change = t.change.change or 0.0
+        got_worse = change != 0 and (change > 0) == t.change.worse_when_higher
+        raw, adjusted = (t.p_worse, adj_worse[slot]) if got_worse else (t.p_better, adj_better[slot])
+        verdict = NO_CHANGE
+        if adjusted < alpha and change != 0:
+            verdict = REGRESSION if got_worse else IMPROVEMENT
+        out.append(replace(t.change, p_value=float(raw), p_adjusted=float(adjusted), verdict=verdict))
+    return out, len(slots)
 
 
 def _privacy(
-    new: Sequence[ResultRecord], old: Sequence[ResultRecord], paired: bool, alpha: float, resamples: int
-) -> list[MetricChange]:
+    new: Sequence[ResultRecord],
+    old: Sequence[ResultRecord],
+    paired: bool,
+    margin: float,
+    resamples: int,
+    identity: tuple[Any, ...],
+) -> list[_Test]:
     a, b = _runs(new), _runs(old)
     auc = (stats.paired_auc_difference if paired else stats.unpaired_auc_difference)(a, b, resamples=resamples)
     tpr = (stats.paired_tpr_difference if paired else stats.unpaired_tpr_difference)(
         a, b, PRIVACY_FPR, resamples=resamples
     )
+    tpr_name = f"TPR@{PRIVACY_FPR:.0%}FPR"
     return [
-        _change(
+        _test(
             "attack AUC",
             "privacy",
             True,
             Figure.of(stats.auc_estimate(b, resamples=resamples)),
             Figure.of(stats.auc_estimate(a, resamples=resamples)),
             auc,
-            alpha,
+            margin,
+            (*identity, "auc"),
         ),
-        _change(
-            f"TPR@{PRIVACY_FPR:.0%}FPR",
+        _test(
+            tpr_name,
             "privacy",
             True,
             Figure.of(stats.tpr_at_fpr_estimate(b, PRIVACY_FPR, resamples=resamples)),
             Figure.of(stats.tpr_at_fpr_estimate(a, PRIVACY_FPR, resamples=resamples)),
             tpr,
-            alpha,
+            margin,
+            (*identity, tpr_name),
         ),
     ]
 
@@ -391,18 +485,24 @@ def _utility_side(records: Sequence[ResultRecord], field: str) -> list[tuple[int
     ]
 
 
-def _untested(name: str, worse_up: bool, old: Figure | None, new: Figure | None, why: str) -> MetricChange:
+def _untested(name: str, worse_up: bool, old: Figure | None, new: Figure | None, why: str, margin: float) -> _Test:
     change = None if old is None or new is None else new.value - old.value
-    return MetricChange(name, "utility", worse_up, old, new, change, None, None, None, why, NOT_TESTED)
+    metric = MetricChange(name, "utility", worse_up, old, new, change, None, None, None, why, NOT_TESTED, margin=margin)
+    return _Test(metric, None, None, ())
 
 
 def _utility(
-    new: Sequence[ResultRecord], old: Sequence[ResultRecord], field: str, name: str, worse_up: bool, alpha: float
-) -> MetricChange:
+    new: Sequence[ResultRecord],
+    old: Sequence[ResultRecord],
+    field: str,
+    name: str,
+    worse_up: bool,
+    margin: float,
+) -> _Test:
     a, b = _utility_side(new, field), _utility_side(old, field)
     if not a or not b:
         missing = " and ".join(side for side, values in (("NEW", a), ("OLD", b)) if not values)
-        return _untested(name, worse_up, None, None, f"no utility figures in {missing}")
+        return _untested(name, worse_up, None, None, f"no utility figures in {missing}", margin)
     single = len(a) == 1 and len(b) == 1
     # With one record per side, its own interval over captions is the only uncertainty there is to show.
     fig_new = Figure.of(stats.seed_mean([v for _, v, _ in a]), a[0][2] if single else None)
@@ -417,34 +517,76 @@ def _utility(
         diff = stats.interval_difference(a[0][1], a[0][2], b[0][1], b[0][2])
     else:
         why = "not tested: needs two or more seeds per side, or one record per side with utility intervals"
-        return _untested(name, worse_up, fig_old, fig_new, why)
-    return _change(name, "utility", worse_up, fig_old, fig_new, diff, alpha)
+        return _untested(name, worse_up, fig_old, fig_new, why, margin)
+    # The same target's utility in every cell that attacks it: one test, identified by its evidence.
+    identity = ("utility", name, tuple(a), tuple(b))
+    return _test(name, "utility", worse_up, fig_old, fig_new, diff, margin, identity)
+
+
+def _cell_tests(
+    new: Sequence[ResultRecord],
+    old: Sequence[ResultRecord],
+    *,
+    margin: float,
+    utility_margin: float,
+    resamples: int,
+    identity: tuple[Any, ...],
+) -> tuple[str, list[_Test]]:
+    why_not = _pairing(new, old)
+    try:
+        tests = _privacy(new, old, why_not is None, margin, resamples, identity)
+    except ValueError as exc:
+        raise ConfigError(f"{_label(new[0])}: cannot compare its attack scores ({exc})") from None
+    tests += [_utility(new, old, field, name, worse_up, utility_margin) for field, name, worse_up in UTILITY_METRICS]
+    pairing = f"paired by seed ({_seeds(seed_of(r) for r in new)})" if why_not is None else f"unpaired: {why_not}"
+    return pairing, tests
 
 
 def compare_cell(
-    new: Sequence[ResultRecord], old: Sequence[ResultRecord], *, alpha: float = ALPHA, resamples: int = stats.RESAMPLES
+    new: Sequence[ResultRecord],
+    old: Sequence[ResultRecord],
+    *,
+    alpha: float = ALPHA,
+    resamples: int = stats.RESAMPLES,
+    margin: float = MARGIN,
+    utility_margin: float = UTILITY_MARGIN,
+    correction: str = CORRECTION,
 ) -> tuple[str, list[MetricChange]]:
     """(how the records paired, every metric's change) for the records of one cell on each side.
+
+    The correction spans this cell's metrics only; `compare` spans every cell.
 
     Raises:
         ConfigError: a record's per-query evidence cannot be resampled (no members or no non-members).
     """
-    why_not = _pairing(new, old)
-    try:
-        metrics = _privacy(new, old, why_not is None, alpha, resamples)
-    except ValueError as exc:
-        raise ConfigError(f"{_label(new[0])}: cannot compare its attack scores ({exc})") from None
-    metrics += [_utility(new, old, field, name, worse_up, alpha) for field, name, worse_up in UTILITY_METRICS]
-    pairing = f"paired by seed ({_seeds(seed_of(r) for r in new)})" if why_not is None else f"unpaired: {why_not}"
-    return pairing, metrics
+    pairing, tests = _cell_tests(
+        new, old, margin=margin, utility_margin=utility_margin, resamples=resamples, identity=("cell",)
+    )
+    return pairing, _decide(tests, alpha, correction)[0]
 
 
-def check_options(*, alpha: float, resamples: int) -> None:
-    """Raises: ConfigError: alpha outside (0, 1) or fewer than one resample."""
+def check_options(
+    *,
+    alpha: float,
+    resamples: int,
+    margin: float = MARGIN,
+    utility_margin: float = UTILITY_MARGIN,
+    correction: str = CORRECTION,
+) -> None:
+    """Raises: ConfigError: alpha outside (0, 1), no resample, a negative margin or an unknown correction."""
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha must lie between 0 and 1 (e.g. 0.05), got {alpha}")
     if resamples < 1:
         raise ConfigError(f"--resamples must be at least 1 (e.g. {stats.RESAMPLES}), got {resamples}")
+    for flag, value, example in (("--margin", margin, MARGIN), ("--utility-margin", utility_margin, 1.0)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(
+                f"{flag} is a difference no larger than which is no change: >= 0 (e.g. {example}), got {value}"
+            )
+    if correction not in stats.CORRECTIONS:
+        close = difflib.get_close_matches(correction, stats.CORRECTIONS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"--correction {correction!r} is unknown; {hint}choose one of {', '.join(stats.CORRECTIONS)}")
 
 
 def compare(
@@ -455,22 +597,29 @@ def compare(
     resamples: int = stats.RESAMPLES,
     privacy_only: bool = False,
     ignore: Sequence[str] = (),
+    margin: float = MARGIN,
+    utility_margin: float = UTILITY_MARGIN,
+    correction: str = CORRECTION,
 ) -> ComparisonReport:
     """Compare the records at `new` against those at `old`, cell by cell.
 
     Args:
         new, old: a record file or a folder of records each.
-        alpha: the test level of a "regression" or "improvement" (intervals are 95% regardless).
+        alpha: the level of a "regression" or "improvement", after the correction (intervals are 95% regardless).
         resamples: bootstrap resamples for the privacy figures (seeded: the same inputs give the same report).
-        privacy_only: utility regressions are reported but do not fail the gate.
+        privacy_only: utility regressions are reported but do not fail the gate (and are
+            corrected as a family of their own).
         ignore: settings (dotted for nested ones) left out of the cell match, e.g. `defense_args`
             to set a new recipe against the old one.
+        margin: a change in attack AUC or TPR of at most this much is no change.
+        utility_margin: the same for FID and CLIP score (in their own units).
+        correction: how the p-values of all tests are adjusted together (`holm`, `bh`, `none`).
 
     Raises:
         ConfigError: a path holds no records, no cell is on both sides, or an option is out of range.
         RecordError: a named record file is invalid.
     """
-    check_options(alpha=alpha, resamples=resamples)
+    check_options(alpha=alpha, resamples=resamples, margin=margin, utility_margin=utility_margin, correction=correction)
     new_records, new_skipped = load_records(new, name="NEW")
     old_records, old_skipped = load_records(old, name="OLD")
     _check_ignored(ignore, (*new_records, *old_records))
@@ -488,12 +637,35 @@ def compare(
             f"nothing to compare: none of NEW's {len(new_cells)} cell(s) ({_cell_list(new_cells)}) is among OLD's "
             f"{len(old_cells)} ({_cell_list(old_cells)}); a cell is the whole run configuration but the seed; {hint}"
         )
+    keys = sorted(shared, key=lambda k: (_label(new_cells[k][0]), k))
+    pairings, tests = {}, []
+    for key in keys:
+        pairings[key], cell_tests = _cell_tests(
+            new_cells[key],
+            old_cells[key],
+            margin=margin,
+            utility_margin=utility_margin,
+            resamples=resamples,
+            identity=("privacy", key),
+        )
+        tests += [(key, t) for t in cell_tests]
+    # One family for what the gate reads; with --privacy-only the utility tests are a family of their own.
+    families = [[t for t in tests if not privacy_only or t[1].change.kind == "privacy"]]
+    if privacy_only:
+        families.append([t for t in tests if t[1].change.kind != "privacy"])
+    decided: dict[str, list[MetricChange]] = defaultdict(list)
+    n_tests = 0
+    for family in families:
+        changes, counted = _decide([t for _, t in family], alpha, correction)
+        n_tests += counted
+        for (key, _), change in zip(family, changes, strict=True):
+            decided[key].append(change)
     cells = []
-    for key in sorted(shared, key=lambda k: (_label(new_cells[k][0]), k)):
-        pairing, metrics = compare_cell(new_cells[key], old_cells[key], alpha=alpha, resamples=resamples)
+    for key in keys:
         label_new, label_old = _label(new_cells[key][0]), _label(old_cells[key][0])
         label = label_new if label_new == label_old else f"{label_new} (old: {label_old})"
-        cells.append(CellComparison(label, key, len(new_cells[key]), len(old_cells[key]), pairing, tuple(metrics)))
+        metrics = tuple(decided[key])
+        cells.append(CellComparison(label, key, len(new_cells[key]), len(old_cells[key]), pairings[key], metrics))
     return ComparisonReport(
         new=str(new),
         old=str(old),
@@ -505,6 +677,10 @@ def compare(
         only_new=tuple(sorted(_label(v[0]) for k, v in new_cells.items() if k not in old_cells)),
         only_old=tuple(sorted(_label(v[0]) for k, v in old_cells.items() if k not in new_cells)),
         skipped=(*(f"NEW: {s}" for s in new_skipped), *(f"OLD: {s}" for s in old_skipped)),
+        margin=margin,
+        utility_margin=utility_margin,
+        correction=correction,
+        n_tests=n_tests,
     )
 
 
@@ -538,6 +714,12 @@ def _interval(low: float | None, high: float | None, signed: bool = False) -> st
     return f" [{_number(low, signed)}, {_number(high, signed)}]"
 
 
+def _p(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
+
+
 def _figure(figure: Figure | None) -> str:
     return "n/a" if figure is None else _number(figure.value) + _interval(figure.low, figure.high)
 
@@ -547,7 +729,17 @@ def render(report: ComparisonReport, console: Console) -> None:
     colour = {REGRESSION: "red", IMPROVEMENT: "green"}
     for cell in report.cells:
         table = Table(title=f"{escape(cell.cell)}: {cell.n_new} new vs {cell.n_old} old record(s), {cell.pairing}")
-        for column in ("metric", "old [95%]", "new [95%]", "change [95%]", "p", "verdict", "method"):
+        for column in (
+            "metric",
+            "old [95%]",
+            "new [95%]",
+            "change [95%]",
+            "margin",
+            "p",
+            "p adj.",
+            "verdict",
+            "method",
+        ):
             table.add_column(column, justify="left" if column in ("metric", "verdict", "method") else "right")
         for m in cell.metrics:
             arrow = "↓" if m.worse_when_higher else "↑"  # the better direction
@@ -557,7 +749,9 @@ def render(report: ComparisonReport, console: Console) -> None:
                 _figure(m.old),
                 _figure(m.new),
                 _number(m.change, signed=True) + _interval(m.low, m.high, signed=True),
-                "n/a" if m.p_value is None else f"{m.p_value:.4f}",
+                f"±{m.margin:g}",
+                _p(m.p_value),
+                _p(m.p_adjusted),
                 verdict,
                 escape(m.method),
             )
@@ -574,7 +768,8 @@ def render(report: ComparisonReport, console: Console) -> None:
     for cell, m in regressions:
         console.print(
             f"[red]regression:[/] {escape(cell.cell)}: {m.metric} {_figure(m.old)} -> {_figure(m.new)}, "
-            f"p = {m.p_value:.4f} < alpha {report.alpha}",
+            f"beyond the margin {m.margin:g}: p = {_p(m.p_value)}, {report.correction}-adjusted {_p(m.p_adjusted)} "
+            f"< alpha {report.alpha}",
             soft_wrap=True,
         )
     gated = "privacy" if report.privacy_only else "privacy or utility"
@@ -582,6 +777,11 @@ def render(report: ComparisonReport, console: Console) -> None:
         console.print(f"[red]{len(regressions)} significant {gated} regression(s)[/] in {len(report.cells)} cell(s)")
     else:
         console.print(f"no significant {gated} regression in {len(report.cells)} cell(s) (alpha {report.alpha})")
+    console.print(
+        f"{report.n_tests} distinct test(s), one-sided against margins of {report.margin:g} (privacy) and "
+        f"{report.utility_margin:g} (utility), p-values adjusted by {stats.CORRECTION_NAMES[report.correction]}",
+        soft_wrap=True,
+    )
 
 
 def write_json(report: ComparisonReport, path: Path) -> None:
@@ -600,24 +800,29 @@ def write_json(report: ComparisonReport, path: Path) -> None:
 
 @dataclass(frozen=True)
 class PrivacyCheck:
-    """A cell's attack AUC against its baseline (a pinned AUC or baseline records)."""
+    """A cell's attack AUC against its baseline (a pinned AUC or baseline records), tested as `compare` does."""
 
     cell: str
     auc: Estimate
     # The AUC minus the baseline's, with its 95% interval.
     change: Difference
     margin: float
+    # One-sided p that the AUC exceeds the baseline by more than `margin`, and after Holm over all checked cells.
+    p_value: float
+    p_adjusted: float
+    alpha: float = ALPHA
 
     @property
     def leaks_more(self) -> bool:
-        """The whole 95% interval of the change lies above `margin`."""
-        return self.change.low > self.margin
+        """The AUC exceeds the baseline by more than `margin`, significantly after the correction."""
+        return self.p_adjusted < self.alpha
 
     def describe(self) -> str:
         return (
             f"{self.cell}: AUC {self.auc.value:.3f} [{self.auc.low:.3f}, {self.auc.high:.3f}], "
             f"{self.change.value:+.3f} [{self.change.low:+.3f}, {self.change.high:+.3f}] against the baseline "
-            f"({self.change.method})"
+            f"({self.change.method}); beyond the margin {self.margin:g}: p = {_p(self.p_value)}, "
+            f"Holm-adjusted {_p(self.p_adjusted)}"
         )
 
 
@@ -641,15 +846,18 @@ def assert_privacy_within(
     records: RecordsLike,
     baseline: float | RecordsLike,
     *,
-    margin: float = 0.0,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
     resamples: int = stats.RESAMPLES,
 ) -> tuple[PrivacyCheck, ...]:
     """Fail (AssertionError) when the attack AUC of `records` is significantly above `baseline`.
 
-    Significantly: the whole 95% interval of AUC minus baseline lies above `margin`. A pinned
-    number is a ceiling for every cell of `records` (hierarchical bootstrap of their AUC);
-    baseline records are matched cell by cell as in `compare` (paired by seed and query
-    where they can be). Use it in a defense's own test suite, on records of the micro profile::
+    The rule is `compare`'s: a one-sided test that AUC minus baseline exceeds `margin`, with
+    a standard error that counts seeds and queries, Holm-adjusted over the cells checked, at
+    level `alpha`. A pinned number is a ceiling for every cell of `records` (hierarchical
+    bootstrap of their AUC); baseline records are matched cell by cell as in `compare`
+    (paired by seed and query where they can be). Use it in a defense's own test suite, on
+    records of the micro profile::
 
         from benchmark.app.compare import assert_privacy_within
         from benchmark.app.config import profile
@@ -668,9 +876,10 @@ def assert_privacy_within(
         AssertionError: a cell leaks significantly more, each such cell named with its figures.
         ConfigError: no records, a pinned AUC outside [0, 1], or a cell missing from the baseline records.
     """
+    check_options(alpha=alpha, resamples=resamples, margin=margin)
     new = _as_records(records, "records")
     cells = _cells(new, ())
-    checks: list[PrivacyCheck] = []
+    found: list[tuple[str, Estimate, Difference]] = []
     if isinstance(baseline, int | float) and not isinstance(baseline, bool):
         if not 0 <= baseline <= 1:
             raise ConfigError(f"a pinned baseline is an attack AUC in [0, 1], got {baseline}")
@@ -684,8 +893,9 @@ def assert_privacy_within(
                 math.nan,
                 auc.n_seeds,
                 f"{auc.method}, against the pinned AUC {pinned:g}",
+                se=auc.se,
             )
-            checks.append(PrivacyCheck(_label(group[0]), auc, change, margin))
+            found.append((_label(group[0]), auc, change))
     else:
         old_cells = _cells(_as_records(baseline, "baseline"), ())
         missing = [_label(v[0]) for k, v in cells.items() if k not in old_cells]
@@ -698,7 +908,15 @@ def assert_privacy_within(
             a, b = _runs(group), _runs(old_cells[key])
             paired = _pairing(group, old_cells[key]) is None
             diff = (stats.paired_auc_difference if paired else stats.unpaired_auc_difference)(a, b, resamples=resamples)
-            checks.append(PrivacyCheck(_label(group[0]), stats.auc_estimate(a, resamples=resamples), diff, margin))
+            found.append((_label(group[0]), stats.auc_estimate(a, resamples=resamples), diff))
+    raw = [stats.margin_p_value(diff, margin, higher=True) for _, _, diff in found]
+    # A record without a standard error (a single resample) cannot show a significant excess.
+    raw = [1.0 if math.isnan(p) else p for p in raw]
+    adjusted = stats.adjusted_p_values(raw, stats.HOLM)
+    checks = [
+        PrivacyCheck(cell, auc, diff, margin, float(p), float(q), alpha)
+        for (cell, auc, diff), p, q in zip(found, raw, adjusted, strict=True)
+    ]
     leaks = [c for c in checks if c.leaks_more]
     if leaks:
         over = f" by more than {margin:g}" if margin else ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -54,11 +54,18 @@ class Estimate:
     n_seeds: int
     n_queries: int
     method: str
+    # Standard error of `value` (NaN where the method gives none): what a test against a margin uses.
+    se: float = math.nan
 
 
 @dataclass(frozen=True)
 class Difference:
-    """`a - b` (means over seeds) with its 95% interval and a two-sided p-value."""
+    """`a - b` (means over seeds) with its 95% interval and a two-sided p-value.
+
+    `se` and `dof` are the standard error and the degrees of freedom of its reference
+    distribution (infinite: normal), so that the same difference can also be tested
+    one-sided against a margin (`margin_p_value`).
+    """
 
     value: float
     low: float
@@ -66,6 +73,8 @@ class Difference:
     p_value: float
     n_seeds: int
     method: str
+    se: float = math.nan
+    dof: float = math.inf
 
     @property
     def significant(self) -> bool:
@@ -232,6 +241,7 @@ def _estimate(runs: Sequence[Run], name: FigureName, resamples: int, seed: int) 
         n_seeds=len(checked),
         n_queries=int(sum(labels.size for _, labels in checked)),
         method=HIERARCHICAL if len(checked) > 1 else QUERY_LEVEL,
+        se=_bootstrap_se(means, len(checked)),
     )
 
 
@@ -243,9 +253,14 @@ def _difference(a: Sequence[Run], b: Sequence[Run], name: FigureName, resamples:
         name, _packed(b_runs), resamples, seed
     )
     figure = _figure(name)
-    value = float(np.mean([_point(*ra, figure) - _point(*rb, figure) for ra, rb in zip(a_runs, b_runs, strict=True)]))
+    per_seed = np.array([_point(*ra, figure) - _point(*rb, figure) for ra, rb in zip(a_runs, b_runs, strict=True)])
     n_seeds = len(a_runs)
-    return _bootstrap_difference(value, diffs, resamples, n_seeds, PAIRED if n_seeds > 1 else PAIRED_QUERY_LEVEL)
+    method = PAIRED if n_seeds > 1 else PAIRED_QUERY_LEVEL
+    difference = _bootstrap_difference(float(per_seed.mean()), diffs, resamples, n_seeds, method)
+    if n_seeds < 2:
+        return difference
+    # Over seeds: the spread of the per-seed differences, on n - 1 degrees of freedom.
+    return _over_seeds(difference, float(np.var(per_seed, ddof=1)) / n_seeds, float(n_seeds - 1))
 
 
 def _unpaired(a: Sequence[Run], b: Sequence[Run], name: FigureName, resamples: int, seed: int) -> Difference:
@@ -257,10 +272,40 @@ def _unpaired(a: Sequence[Run], b: Sequence[Run], name: FigureName, resamples: i
         name, _packed(b_runs), resamples, other
     )
     figure = _figure(name)
-    value = float(np.mean([_point(*r, figure) for r in a_runs]) - np.mean([_point(*r, figure) for r in b_runs]))
+    xa = np.array([_point(*r, figure) for r in a_runs])
+    xb = np.array([_point(*r, figure) for r in b_runs])
+    value = float(xa.mean() - xb.mean())
     n_seeds = min(len(a_runs), len(b_runs))
     method = UNPAIRED if n_seeds > 1 else UNPAIRED_QUERY_LEVEL
-    return _bootstrap_difference(value, diffs, resamples, n_seeds, method)
+    difference = _bootstrap_difference(value, diffs, resamples, n_seeds, method)
+    if n_seeds < 2:
+        return difference
+    # Over seeds: Welch's variance and Welch-Satterthwaite degrees of freedom.
+    va, vb = float(np.var(xa, ddof=1)) / xa.size, float(np.var(xb, ddof=1)) / xb.size
+    if va + vb == 0:
+        return _over_seeds(difference, 0.0, math.inf)
+    dof = (va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))
+    return _over_seeds(difference, va + vb, float(dof))
+
+
+def _over_seeds(difference: Difference, seed_variance: float, dof: float) -> Difference:
+    """The difference tested over seeds: Student t, its standard error never below the bootstrap's.
+
+    With few seeds the bootstrap alone is too sure of itself: resampling 3 seeds cannot show
+    how far a fourth would land, and a same-code rerun then looks significant. So where the
+    spread of the per-seed figures is the larger variance, the test uses it on its n - 1
+    degrees of freedom. Where the bootstrap's (which counts every seed's queries) is larger,
+    it is the standard error, and the degrees of freedom grow as the seeds' share shrinks
+    (Satterthwaite's approximation with the query part taken as known): seeds that happen to
+    agree do not make the test surer than the queries allow.
+    """
+    boot = difference.se**2 if math.isfinite(difference.se) else 0.0
+    variance = max(seed_variance, boot)
+    if seed_variance <= 0:
+        dof = math.inf
+    elif boot > seed_variance:
+        dof = dof * (boot / seed_variance) ** 2
+    return replace(difference, se=math.sqrt(variance), dof=dof)
 
 
 def _bootstrap_difference(value: float, diffs: np.ndarray, resamples: int, n_seeds: int, method: str) -> Difference:
@@ -268,7 +313,23 @@ def _bootstrap_difference(value: float, diffs: np.ndarray, resamples: int, n_see
     # Two-sided bootstrap p: twice the smaller tail, never 0 with finitely many resamples.
     tail = min(np.mean(diffs <= 0), np.mean(diffs >= 0))
     p_value = float(min(1.0, max(2 * tail, 1 / (resamples + 1))))
-    return Difference(value=value, low=low, high=high, p_value=p_value, n_seeds=n_seeds, method=method)
+    se = _bootstrap_se(diffs, n_seeds)
+    return Difference(value=value, low=low, high=high, p_value=p_value, n_seeds=n_seeds, method=method, se=se)
+
+
+def _bootstrap_se(resampled: np.ndarray, n_seeds: int) -> float:
+    """The resamples' standard deviation, with the seed level's small-sample bias removed.
+
+    Resampling n seeds with replacement gives the mean a variance of (n - 1) / n times the
+    unbiased s^2 / n: with 3 seeds a third too small. Scaling the whole variance by
+    n / (n - 1) restores the seed part (and slightly overstates the query part: conservative).
+    """
+    if resampled.size < 2:
+        return math.nan
+    variance = float(np.var(resampled, ddof=1))
+    if n_seeds > 1:
+        variance *= n_seeds / (n_seeds - 1)
+    return math.sqrt(variance)
 
 
 def _check_resamples(resamples: int) -> None:
@@ -361,7 +422,7 @@ def seed_mean(values: Sequence[float]) -> Estimate:
     if data.size == 1:
         return Estimate(mean, math.nan, math.nan, 1, 0, SEED_SINGLE)
     low, high = _t_interval(data)
-    return Estimate(mean, low, high, int(data.size), 0, SEED_T)
+    return Estimate(mean, low, high, int(data.size), 0, SEED_T, se=float(scipy_stats.sem(data)))
 
 
 def paired_seed_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
@@ -387,7 +448,8 @@ def paired_seed_difference(a: Sequence[float], b: Sequence[float]) -> Difference
         p_value = 1.0 if value == 0 else 0.0
     else:
         p_value = float(scipy_stats.ttest_rel(x, y).pvalue)
-    return Difference(value, low, high, p_value, int(x.size), PAIRED_T)
+    se = float(scipy_stats.sem(diff))
+    return Difference(value, low, high, p_value, int(x.size), PAIRED_T, se=se, dof=float(x.size - 1))
 
 
 def _t_interval(data: np.ndarray) -> tuple[float, float]:
@@ -434,12 +496,12 @@ def welch_seed_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     vx, vy = float(x.var(ddof=1)) / x.size, float(y.var(ddof=1)) / y.size
     if vx + vy == 0:
         # No spread on either side: the difference is exact (as in `paired_seed_difference`).
-        return Difference(value, value, value, 1.0 if value == 0 else 0.0, n_seeds, WELCH_T)
+        return Difference(value, value, value, 1.0 if value == 0 else 0.0, n_seeds, WELCH_T, se=0.0)
     # Welch-Satterthwaite degrees of freedom, the same that scipy's test uses for its p-value.
     dof = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
     half = float(scipy_stats.t.ppf(1 - ALPHA / 2, dof)) * math.sqrt(vx + vy)
     p_value = float(scipy_stats.ttest_ind(x, y, equal_var=False).pvalue)
-    return Difference(value, value - half, value + half, p_value, n_seeds, WELCH_T)
+    return Difference(value, value - half, value + half, p_value, n_seeds, WELCH_T, se=math.sqrt(vx + vy), dof=dof)
 
 
 def interval_difference(
@@ -463,6 +525,66 @@ def interval_difference(
     se = math.hypot((a_interval[1] - a_interval[0]) / (2 * z), (b_interval[1] - b_interval[0]) / (2 * z))
     value = float(a - b)
     if se == 0:
-        return Difference(value, value, value, 1.0 if value == 0 else 0.0, 1, FROM_INTERVALS)
+        return Difference(value, value, value, 1.0 if value == 0 else 0.0, 1, FROM_INTERVALS, se=0.0)
     p_value = float(2 * scipy_stats.norm.sf(abs(value) / se))
-    return Difference(value, value - z * se, value + z * se, p_value, 1, FROM_INTERVALS)
+    return Difference(value, value - z * se, value + z * se, p_value, 1, FROM_INTERVALS, se=se)
+
+
+# ---------------------------------------------------------------- tests against a margin, and many tests at once
+
+HOLM = "holm"
+BENJAMINI_HOCHBERG = "bh"
+NO_CORRECTION = "none"
+CORRECTIONS = (HOLM, BENJAMINI_HOCHBERG, NO_CORRECTION)
+CORRECTION_NAMES = {
+    HOLM: "Holm (family-wise error)",
+    BENJAMINI_HOCHBERG: "Benjamini-Hochberg (false discovery rate)",
+    NO_CORRECTION: "no correction",
+}
+
+
+def margin_p_value(diff: Difference, margin: float, *, higher: bool) -> float:
+    """One-sided p-value that the true difference lies beyond `margin` (above it if `higher`, else below -margin).
+
+    The null hypothesis is the equivalence side: a difference of at most `margin` (in the
+    direction tested) is no change. The statistic is (value -/+ margin) / se against the
+    difference's reference distribution (Student t with `dof`, normal when infinite). A
+    difference without a standard error (one seed of a utility figure) gives NaN.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, not {margin}")
+    excess = diff.value - margin if higher else -margin - diff.value
+    if not math.isfinite(diff.se):
+        return math.nan
+    if diff.se == 0:
+        return 0.0 if excess > 0 else 1.0
+    statistic = excess / diff.se
+    tail = scipy_stats.norm.sf(statistic) if math.isinf(diff.dof) else scipy_stats.t.sf(statistic, diff.dof)
+    return float(tail)
+
+
+def adjusted_p_values(p_values: Sequence[float], method: str) -> np.ndarray:
+    """p-values adjusted for testing them all at once: `holm`, `bh` (Benjamini-Hochberg) or `none`.
+
+    Holm's step-down adjustment controls the family-wise error (the chance of any false
+    regression); Benjamini-Hochberg controls the expected share of false ones among those
+    flagged. A value is significant at level alpha where its adjusted p-value is below alpha.
+
+    Raises:
+        ValueError: an unknown method, or a p-value outside [0, 1].
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; choose one of {', '.join(CORRECTIONS)}")
+    if p.size and (np.isnan(p).any() or (p < 0).any() or (p > 1).any()):
+        raise ValueError("p-values must lie in [0, 1]")
+    if method == NO_CORRECTION or p.size == 0:
+        return p.copy()
+    if method == BENJAMINI_HOCHBERG:
+        return np.asarray(scipy_stats.false_discovery_control(p, method="bh"), dtype=np.float64)
+    # Holm: the i-th smallest (0-based) times (m - i), made monotone; scipy has no Holm.
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (p.size - np.arange(p.size))))
+    out = np.empty_like(p)
+    out[order] = scaled
+    return out
