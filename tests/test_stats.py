@@ -300,7 +300,7 @@ def test_a_difference_over_seeds_counts_their_spread() -> None:
     b = [(s, labels) for s in base]
     over_seeds = paired_auc_difference(a, b, resamples=400)
     one_seed = paired_auc_difference(a[:1], b[:1], resamples=400)
-    assert one_seed.value > 0.15 and margin_p_value(one_seed, 0.02, higher=True) < 1e-6
+    assert one_seed.value > 0.1 and margin_p_value(one_seed, 0.02, higher=True) < 1e-6
     # The seeds' spread dominates: close to Student t on n - 1 = 2 degrees of freedom (Satterthwaite).
     assert 2.0 <= over_seeds.dof < 3.0
     per_seed = [roc_auc_score(labels, x) - roc_auc_score(labels, y) for x, y in zip(moved, base, strict=True)]
